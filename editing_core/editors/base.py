@@ -1,0 +1,155 @@
+"""What every editor shares: the Editor interface, the registry, and the weight-editing loop.
+
+An editor takes a loaded model and edit requests and returns an edit artifact; the model is
+left exactly as it was given, also when the edit fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import ArtifactMeta, EditArtifact, WeightDelta, WeightDeltaArtifact, weights_hash
+from ..config import config_to_dict, load_config
+from ..data.requests import EditRequest
+from ..models.architectures import ROLES
+from ..models.loading import LoadedModel
+from ..tokens import completion_batch, completion_logits, completion_nll
+
+log = logging.getLogger(__name__)
+
+EDITORS: dict[str, type["Editor"]] = {}
+
+
+def register_editor(cls: type["Editor"]) -> type["Editor"]:
+    """Class decorator: make an editor available by its `name` (CLI, pipelines, registry)."""
+    EDITORS[cls.name] = cls
+    return cls
+
+
+class Editor(ABC):
+    """Base of every editing method. Subclasses set `name` and `config_class`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.config_class()
+
+    @classmethod
+    def from_config(cls, source: Mapping[str, Any] | str | None = None, **overrides: Any) -> "Editor":
+        """Build from a mapping or YAML file, strictly (unknown keys are errors)."""
+        return cls(load_config(cls.config_class, source, **overrides))
+
+    @abstractmethod
+    def edit(self, loaded: LoadedModel, requests: Sequence[EditRequest], parent: EditArtifact | None = None) -> EditArtifact:
+        """Compute the edit for `requests`; `parent` is the artifact attached to the model, if any."""
+
+    def _meta(self, loaded: LoadedModel, requests: Sequence[EditRequest], hashed: Sequence[str], base_hash: str, parent: EditArtifact | None) -> ArtifactMeta:
+        return ArtifactMeta(
+            base_model=loaded.name,
+            base_hash=base_hash,
+            hashed_params=tuple(hashed),
+            method=self.name,
+            config=config_to_dict(self.config),
+            requests=tuple(requests),
+            parent=parent.meta.artifact_id if parent else None,
+        )
+
+
+@dataclass(frozen=True)
+class WeightEditConfig:
+    """Shared fields of the editors that fine-tune weights (FT, FT+KL).
+
+    layers:          layer indices to edit; negative ones count from the end (-1 = last).
+    roles:           which weight of each layer to edit: mlp_in, mlp_out or attn_out.
+    steps:           optimizer steps, each over all requests of the edit.
+    lr:              Adam learning rate.
+    norm_constraint: if set, every weight stays within +-norm_constraint of its original value
+                     (the constrained fine-tuning of Zhu et al. 2020, "FT-L" in the editing
+                     literature, https://arxiv.org/abs/2012.00363); None leaves it free.
+    batch_size:      requests per forward pass (gradients accumulate over a step's batches).
+    progress:        show a progress bar.
+    """
+
+    layers: tuple[int, ...] = (4, 5, 6)
+    roles: tuple[str, ...] = ("mlp_out",)
+    steps: int = 20
+    lr: float = 1e-3
+    norm_constraint: float | None = None
+    batch_size: int = 16
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.roles if r not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown role(s) {unknown}; roles: {list(ROLES)}")
+        if not self.layers or not self.roles:
+            raise ValueError("layers and roles must not be empty")
+        if self.steps < 1 or self.lr <= 0 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1 and lr > 0")
+        if self.norm_constraint is not None and self.norm_constraint <= 0:
+            raise ValueError("norm_constraint must be > 0 (or null for none)")
+
+
+class WeightEditor(Editor):
+    """Fine-tunes the configured weights on prompt -> target_new (prompt tokens masked) and
+    returns the weight change as a dense-delta artifact. Subclasses add loss terms."""
+
+    config: WeightEditConfig
+
+    def prepare(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> Any:
+        """Anything the extra loss needs from the unedited model (computed once)."""
+        return None
+
+    def extra_loss(self, loaded: LoadedModel, context: Any) -> torch.Tensor | float:
+        """A term added to the edit loss at every step (0 for plain fine-tuning)."""
+        return 0.0
+
+    def edit(self, loaded: LoadedModel, requests: Sequence[EditRequest], parent: EditArtifact | None = None) -> WeightDeltaArtifact:
+        if not requests:
+            raise ValueError("an edit needs at least one request")
+        cfg, model = self.config, loaded.model
+        names = loaded.adapter.param_names(cfg.roles, cfg.layers)
+        params = {name: model.get_parameter(name) for name in names}
+        base_hash = weights_hash(model, names)
+        originals = {name: p.detach().clone() for name, p in params.items()}
+        device = next(model.parameters()).device
+        batches = [
+            completion_batch(loaded.tokenizer, [(r.prompt, r.target_new) for r in requests[i : i + cfg.batch_size]]).to(device)
+            for i in range(0, len(requests), cfg.batch_size)
+        ]
+        context = self.prepare(loaded, requests)
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+            optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
+            for _ in tqdm(range(cfg.steps), desc=f"{self.name} edit", disable=not cfg.progress):
+                optimizer.zero_grad(set_to_none=True)
+                for batch in batches:  # accumulate: the loss is the mean NLL over all requests
+                    (completion_nll(completion_logits(model, batch), batch).sum() / len(requests)).backward()
+                extra = self.extra_loss(loaded, context)
+                if torch.is_tensor(extra):
+                    extra.backward()
+                optimizer.step()
+                if cfg.norm_constraint is not None:
+                    self._clamp(params, originals, cfg.norm_constraint)
+            deltas = {name: WeightDelta(dense=(p.detach() - originals[name]).clone()) for name, p in params.items()}
+        finally:  # the model leaves exactly as it came, whatever happened
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(originals[name])
+                    p.requires_grad_(False)
+                    p.grad = None
+        return WeightDeltaArtifact(self._meta(loaded, requests, names, base_hash, parent), deltas)
+
+    @staticmethod
+    @torch.no_grad()
+    def _clamp(params: dict[str, torch.nn.Parameter], originals: dict[str, torch.Tensor], eps: float) -> None:
+        for name, p in params.items():
+            p.copy_(torch.clamp(p, originals[name] - eps, originals[name] + eps))
