@@ -137,6 +137,16 @@ class EditArtifact(ABC):
         super().__init_subclass__(**kwargs)
         ARTIFACT_KINDS[cls.kind] = cls
 
+    def __getstate__(self) -> dict[str, Any]:
+        # attachments belong to live models in this process; a copy (Ray, pickle) starts detached
+        state = self.__dict__.copy()
+        state["_undo"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._undo = weakref.WeakKeyDictionary()
+
     # -- what a kind implements -------------------------------------------------------
     @abstractmethod
     def _apply(self, model: nn.Module) -> Any:
