@@ -130,8 +130,8 @@ class EditArtifact(ABC):
 
     def __init__(self, meta: ArtifactMeta):
         self.meta = meta
-        # model -> whatever `_apply` needs to undo itself; weak so a dropped model is freed
-        self._undo: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+        # model -> (undo data, hash of hashed_params right after attach); weak so a dropped model is freed
+        self._undo: weakref.WeakKeyDictionary[nn.Module, tuple[Any, str]] = weakref.WeakKeyDictionary()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -189,13 +189,24 @@ class EditArtifact(ABC):
                 f"artifact expects {self.meta.base_hash[:12]}. Attach it to the same base model"
                 + (f" with its parent artifact {self.meta.parent} attached first." if self.meta.parent else ".")
             )
-        self._undo[model] = self._apply(model)
+        undo = self._apply(model)
+        self._undo[model] = (undo, weights_hash(model, self.meta.hashed_params))
 
     def detach(self, model: nn.Module) -> None:
-        """Undo `attach`: the model's parameters and outputs are again bit for bit the base's."""
+        """Undo `attach`: the model's parameters and outputs are again bit for bit the base's.
+
+        Refused (nothing changed) when the touched parameters moved since attach, e.g. a child
+        artifact attached on top: detach the artifacts in the reverse order of attaching."""
         if not self.is_attached(model):
             raise ArtifactError(f"artifact {self.meta.artifact_id} is not attached to this model")
-        self._undo_apply(model, self._undo.pop(model))
+        undo, attached_hash = self._undo[model]
+        if weights_hash(model, self.meta.hashed_params) != attached_hash:
+            raise ArtifactError(
+                f"artifact {self.meta.artifact_id}: the parameters it edited changed after it was "
+                "attached (another artifact on top?); detach in the reverse order of attaching"
+            )
+        del self._undo[model]
+        self._undo_apply(model, undo)
 
     @contextmanager
     def attached(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -223,9 +234,20 @@ class EditArtifact(ABC):
                     os.replace(item, directory / item.name)
             else:
                 os.replace(staging, directory)
+            _apply_umask(directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return directory
+
+
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp makes a 0700 directory; give the saved artifact the modes of ordinary files and
+    directories under the current umask, so other users (MLflow, Serve replicas) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for name in (JSON_NAME, TENSORS_NAME):
+        (directory / name).chmod(0o666 & ~umask)
 
 
 def load_artifact(directory: str | os.PathLike) -> EditArtifact:
@@ -244,7 +266,12 @@ def load_artifact(directory: str | os.PathLike) -> EditArtifact:
     if kind not in ARTIFACT_KINDS:
         raise ArtifactError(f"{json_path}: unknown artifact kind {kind!r}; known: {sorted(ARTIFACT_KINDS)}")
     tensors_path = directory / TENSORS_NAME
-    tensors = load_file(str(tensors_path)) if tensors_path.exists() else {}
+    try:
+        tensors = load_file(str(tensors_path))
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory} is not a complete edit artifact: {TENSORS_NAME} is missing") from None
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ArtifactError(f"{tensors_path}: cannot read tensors: {exc}") from None
     return ARTIFACT_KINDS[kind].from_parts(ArtifactMeta.from_json(document["meta"]), document["data"], tensors)
 
 

@@ -8,6 +8,7 @@ missing required fields. Errors name the file (when there is one) and the dotted
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,23 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config that cannot be loaded; the message names the source and the field."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.2 does; PyYAML's 1.1 rules want
+    `1.0e-3` and would hand the learning rate over as a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text safely (no object construction), with YAML 1.2 exponent floats."""
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 def _type_name(tp: Any) -> str:
@@ -77,13 +95,13 @@ def _build(cls: type[T], data: Any, where: str) -> T:
     if isinstance(data, cls):
         return data
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping for {cls.__name__}, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(fields)}"
+            f"{where or cls.__name__}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(fields)}"
         )
     kwargs = {}
     for name, field in fields.items():
@@ -110,7 +128,7 @@ def load_config(cls: type[T], source: Mapping[str, Any] | str | Path | None = No
         path = Path(source)
         origin = str(path)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"{path}: cannot read YAML: {exc}") from exc
     else:
@@ -119,7 +137,7 @@ def load_config(cls: type[T], source: Mapping[str, Any] | str | Path | None = No
         raise ConfigError(f"{origin or cls.__name__}: top level must be a mapping")
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
     try:
-        return _build(cls, data, "")
+        return _build(cls, data, "")  # top-level errors then read "FTConfig: ..."
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}" if origin else str(exc)) from None
 

@@ -134,7 +134,10 @@ def _build_probe(loaded: LoadedModel, requests: Sequence[EditRequest], heldout: 
         edits=[(r.prompt, r.target_new) for r in requests],
         paraphrases=[(p, r.target_new) for r in requests for p in r.rephrase],
         locality=locality,
-        heldout=list(heldout) if heldout is not None else [pair for pair in locality if pair[1]],
+        # default held-out set: the locality facts the user gave an answer for (not the fallbacks)
+        heldout=list(heldout) if heldout is not None else [
+            (r.locality_prompt, r.locality_answer) for r in requests if r.locality_prompt and r.locality_answer
+        ],
     )
 
 

@@ -21,6 +21,8 @@ def completion_ids(tokenizer: Any, prompt: str, completion: str) -> tuple[list[i
     The completion is tokenised on its own, with a leading space unless the prompt ends in
     whitespace or the completion starts with one, so that its ids do not depend on the prompt.
     """
+    if not completion.strip():
+        raise ValueError(f"completion {completion!r} is empty: there is nothing to predict")
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     joiner = "" if (not prompt or prompt[-1].isspace() or completion[:1].isspace()) else " "
     target_ids = tokenizer(joiner + completion, add_special_tokens=False)["input_ids"]

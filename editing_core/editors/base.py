@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import ArtifactMeta, EditArtifact, WeightDelta, WeightDeltaArtifact, weights_hash
+from ..artifacts import ArtifactError, ArtifactMeta, EditArtifact, WeightDelta, WeightDeltaArtifact, weights_hash
 from ..config import config_to_dict, load_config
 from ..data.requests import EditRequest
 from ..models.architectures import ROLES
@@ -49,6 +49,20 @@ class Editor(ABC):
     @abstractmethod
     def edit(self, loaded: LoadedModel, requests: Sequence[EditRequest], parent: EditArtifact | None = None) -> EditArtifact:
         """Compute the edit for `requests`; `parent` is the artifact attached to the model, if any."""
+
+    @staticmethod
+    def hashed_params(loaded: LoadedModel, touched: Sequence[str], parent: EditArtifact | None) -> tuple[str, ...]:
+        """The parameters an edit's base hash covers: those it touches and, when it is computed
+        on top of a parent, the parent's too (its numbers hold only with the parent in place).
+        The parent must be attached to the model."""
+        if parent is None:
+            return tuple(sorted(touched))
+        if not parent.is_attached(loaded.model):
+            raise ArtifactError(
+                f"parent artifact {parent.meta.artifact_id} is not attached to the model: attach it "
+                "before computing an edit on top of it"
+            )
+        return tuple(sorted(set(touched) | set(parent.meta.hashed_params)))
 
     def _meta(self, loaded: LoadedModel, requests: Sequence[EditRequest], hashed: Sequence[str], base_hash: str, parent: EditArtifact | None) -> ArtifactMeta:
         return ArtifactMeta(
@@ -117,7 +131,8 @@ class WeightEditor(Editor):
         cfg, model = self.config, loaded.model
         names = loaded.adapter.param_names(cfg.roles, cfg.layers)
         params = {name: model.get_parameter(name) for name in names}
-        base_hash = weights_hash(model, names)
+        hashed = self.hashed_params(loaded, names, parent)
+        base_hash = weights_hash(model, hashed)
         originals = {name: p.detach().clone() for name, p in params.items()}
         device = next(model.parameters()).device
         batches = [
@@ -146,7 +161,7 @@ class WeightEditor(Editor):
                     p.copy_(originals[name])
                     p.requires_grad_(False)
                     p.grad = None
-        return WeightDeltaArtifact(self._meta(loaded, requests, names, base_hash, parent), deltas)
+        return WeightDeltaArtifact(self._meta(loaded, requests, hashed, base_hash, parent), deltas)
 
     @staticmethod
     @torch.no_grad()

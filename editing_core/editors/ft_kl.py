@@ -27,10 +27,14 @@ class FTKLConfig(WeightEditConfig):
     kl_weight:  weight of the KL term against the edit NLL.
     kl_prompts: extra texts whose next-token distributions must not move, used besides the
                 requests' locality prompts (required when no request has a locality_prompt).
+    use_request_locality: use the requests' own locality prompts (+ answers) as KL texts. The
+                locality metric is scored on those same prompts, so it then flatters the edit;
+                benchmarks turn this off and give kl_prompts from other data.
     """
 
     kl_weight: float = 1.0
     kl_prompts: tuple[str, ...] = ()
+    use_request_locality: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,11 +52,12 @@ class FTKLEditor(WeightEditor):
         texts = [
             f"{r.locality_prompt} {r.locality_answer}" if r.locality_answer else r.locality_prompt
             for r in requests
-            if r.locality_prompt
+            if r.locality_prompt and self.config.use_request_locality
         ] + list(self.config.kl_prompts)
         if not texts:
             raise ValueError(
-                "ft_kl needs locality texts: give the requests a locality_prompt, or set kl_prompts in the config"
+                "ft_kl needs locality texts: give the requests a locality_prompt (with "
+                "use_request_locality on), or set kl_prompts in the config"
             )
         device = next(loaded.model.parameters()).device
         batch = text_batch(loaded.tokenizer, texts).to(device)

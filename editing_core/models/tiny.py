@@ -47,7 +47,8 @@ def tiny_tokenizer(words: Sequence[str] = WORDS) -> Any:
     vocab = {token: i for i, token in enumerate([*SPECIALS, *dict.fromkeys(words)])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    # joins words with single spaces; cleanup=False keeps " ." instead of gluing it to the word
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[PAD]"
     )

@@ -1,0 +1,465 @@
+"""The `editflow` command line: validate facts, edit, evaluate, run pipelines, run the demo.
+
+    editflow validate FILE
+    editflow edit --model M --method ft_kl --facts FILE [--layers 4,5] [--config YAML] [--parent DIR] --out DIR
+    editflow eval --model M [--artifact DIR] --facts FILE [--heldout FILE] [--json]
+    editflow run PIPELINE.yaml [--address ADDR] [--tracking-uri URI]
+    editflow demo [--tracking-uri URI]
+
+Errors a user can cause (bad facts, config, artifact, model, missing input files) print a
+message on stderr and exit with status 2, without a traceback (`-v` shows it). Everything heavy
+(torch, transformers, ray, mlflow) is imported inside the command that needs it, so
+`editflow validate` starts fast. Results go to stdout, logs and progress bars to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from editing_core.artifacts import EditArtifact
+    from editing_core.models import LoadedModel
+    from pipelines.runner import PipelineResult
+
+log = logging.getLogger("pipelines.cli")
+
+EXIT_OK, EXIT_USER_ERROR = 0, 2
+OUR_LOGGERS = ("editing_core", "pipelines", "tasks", "infra")
+_HANDLER_MARK = "_editflow_cli_handler"
+
+
+class UsageError(ValueError):
+    """A command-line input that cannot work (reported like the library's input errors)."""
+
+
+# ---------------------------------------------------------------------------------------
+# the parser
+# ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with one subparser per command."""
+    parser = argparse.ArgumentParser(
+        prog="editflow",
+        description="Edit facts in language models: validate facts, edit, evaluate, run pipelines.",
+        epilog="Run `editflow COMMAND --help` for a command's options. Exit status: 0 ok, 2 bad input.",
+    )
+    _add_verbosity(parser, on_subcommand=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_validate, _add_edit, _add_eval, _add_run, _add_demo):
+        add(commands)
+    return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, on_subcommand: bool) -> None:
+    """-v / -q, accepted before or after the command (a subcommand's copy must not reset them)."""
+    group = parser.add_mutually_exclusive_group()
+    count_default: Any = argparse.SUPPRESS if on_subcommand else 0
+    flag_default: Any = argparse.SUPPRESS if on_subcommand else False
+    group.add_argument("-v", "--verbose", action="count", default=count_default,
+                       help="debug logging, and tracebacks of errors")
+    group.add_argument("-q", "--quiet", action="store_true", default=flag_default,
+                       help="only warnings and errors on stderr")
+
+
+def _subparser(commands: Any, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help_text, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_verbosity(sub, on_subcommand=True)
+    return sub
+
+
+def _add_validate(commands: Any) -> None:
+    sub = _subparser(
+        commands, "validate", "check a facts file and summarise it",
+        "Validate a facts file (JSON lines, JSON array, CSV or parquet; generic, CounterFact or\n"
+        "zsRE rows) without loading any model. Prints the format and counts; on problems prints\n"
+        "every one of them (file, line or record, field) on stderr and exits with status 2.",
+    )
+    sub.add_argument("file", type=Path, metavar="FILE", help="the facts file")
+    sub.set_defaults(handler=_cmd_validate)
+
+
+def _add_edit(commands: Any) -> None:
+    sub = _subparser(
+        commands, "edit", "edit a model and save the edit artifact",
+        "Compute an edit of MODEL for the facts in FILE and save it as an edit artifact in DIR\n"
+        "(artifact.json + artifact.safetensors; the model itself is not saved). The facts and the\n"
+        "method config are checked before the model loads, prompt lengths right after.\n\n"
+        "example:\n  editflow edit --model smollm2-135m --method ft_kl --facts facts.jsonl --layers 4,5,6 --out edits/v1",
+    )
+    _add_model(sub)
+    sub.add_argument("--method", required=True, help="editing method: ft (fine-tuning) or ft_kl (fine-tuning + KL locality term)")
+    _add_facts(sub)
+    sub.add_argument("--layers", type=_layers, metavar="L1,L2", help="layers to edit, comma-separated (negative counts from the end); overrides the config")
+    sub.add_argument("--config", type=Path, metavar="YAML", help="the method's config as a YAML mapping (strict: unknown keys are errors)")
+    sub.add_argument("--parent", type=Path, metavar="DIR", help="compute the edit on top of this previously saved artifact")
+    sub.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write the artifact to")
+    sub.add_argument("--force", action="store_true", help="overwrite an existing non-empty --out directory")
+    sub.set_defaults(handler=_cmd_edit)
+
+
+def _add_eval(commands: Any) -> None:
+    sub = _subparser(
+        commands, "eval", "score a model (optionally with an edit artifact) on facts",
+        "Score MODEL on the facts in FILE: edit success, paraphrase, locality and drawdown,\n"
+        "teacher-forced and generated. With --artifact, before and after attaching the edit;\n"
+        "without, the unedited model. An artifact made on other base weights is refused.",
+    )
+    _add_model(sub)
+    sub.add_argument("--artifact", type=Path, metavar="DIR", help="edit artifact directory to evaluate")
+    sub.add_argument("--parent", type=Path, metavar="DIR", help="the artifact's parent, attached first (for edits made with --parent)")
+    _add_facts(sub)
+    sub.add_argument("--heldout", type=Path, metavar="FILE", help="facts file of (prompt, target_new) pairs the model should keep right, for drawdown")
+    sub.add_argument("--json", action="store_true", help="print exactly one JSON object (the metrics, plus `rows`) on stdout")
+    sub.set_defaults(handler=_cmd_eval)
+
+
+def _add_run(commands: Any) -> None:
+    sub = _subparser(
+        commands, "run", "run a pipeline YAML on Ray and record it in MLflow",
+        "Validate the pipeline spec (before any Ray call), run its steps on a Ray model worker\n"
+        "and log one MLflow run (params, metrics, the edit artifact, a before/after table and\n"
+        "chart). A local copy of the outputs goes to ./runs/<name>-<run id>/.",
+    )
+    sub.add_argument("pipeline", type=Path, metavar="PIPELINE.yaml", help="the pipeline spec")
+    sub.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    _add_tracking(sub)
+    sub.add_argument("--output-dir", type=Path, metavar="DIR", help="where the local run directory goes (default: ./runs)")
+    sub.set_defaults(handler=_cmd_run)
+
+
+def _add_demo(commands: Any) -> None:
+    sub = _subparser(
+        commands, "demo", "edit six well-known facts of SmolLM2-135M and show the result",
+        "Run the example pipeline shipped with editflow: six facts SmolLM2-135M-Instruct gets\n"
+        "right (the capital of France, ...) changed to false ones with FT+KL on a local Ray,\n"
+        "measured before and after, and logged to MLflow. Takes a few minutes on 2 CPU cores.",
+    )
+    _add_tracking(sub)
+    sub.add_argument("--output-dir", type=Path, metavar="DIR", help="where the local run directory goes (default: ./runs)")
+    sub.set_defaults(handler=_cmd_demo)
+
+
+def _add_model(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--model", required=True, metavar="M",
+                     help="model: alias (smollm2-135m), local directory, .gguf file or Hugging Face hub id")
+
+
+def _add_facts(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--facts", type=Path, required=True, metavar="FILE", help="facts file (JSONL, JSON, CSV or parquet)")
+
+
+def _add_tracking(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--tracking-uri", metavar="URI",
+                     help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns.db)")
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    """argparse type for --layers: "4,5,-1" -> (4, 5, -1)."""
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 4,5,6, got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("expected at least one layer")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `editflow` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("editflow: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # the library's input errors are ValueErrors
+        _report_error(exc, args.verbose)
+        return EXIT_USER_ERROR
+
+
+def _report_error(exc: BaseException, verbose: int) -> None:
+    """The error on stderr: every problem of bad facts, else the message; the traceback with -v."""
+    from editing_core.data import FactsValidationError
+
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, FactsValidationError):
+        count = len(exc.problems)
+        print(f"editflow: invalid facts ({count} problem{'s' if count != 1 else ''}):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return
+    print(f"editflow: error: {exc}", file=sys.stderr)
+    if not verbose:
+        print("(run with -v for details)", file=sys.stderr)
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Our loggers at INFO (DEBUG with -v, WARNING with -q); other libraries at WARNING."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    setattr(handler, _HANDLER_MARK, True)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------
+# validate
+# ---------------------------------------------------------------------------------------
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from editing_core.data import load_facts_with_format, summarize_facts
+
+    fmt, requests = load_facts_with_format(args.file)
+    print(f"{args.file}: valid, {fmt} format")
+    summary = summarize_facts(requests)
+    width = max(len(key) for key in summary)
+    for key, value in summary.items():
+        print(f"  {key.ljust(width)}  {value}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------
+# edit and eval (in this process, no Ray)
+# ---------------------------------------------------------------------------------------
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from editing_core.data import load_facts
+    from editing_core.editors import make_editor
+
+    requests = load_facts(args.facts)  # bad facts fail before anything loads
+    _check_method(args.method)
+    editor = make_editor(args.method, args.config, layers=args.layers, progress=True)
+    _check_out_dir(args.out, args.force)
+    parent = _load_artifact(args.parent, "--parent") if args.parent else None
+    loaded = _load_model(args.model)
+    _check_lengths(loaded, requests)
+    with _attached(parent, loaded, args.parent):
+        started = time.perf_counter()
+        artifact = editor.edit(loaded, requests, parent=parent)
+        seconds = time.perf_counter() - started
+    artifact.save(args.out)
+    _print_edit_summary(artifact, args.out, seconds)
+    return EXIT_OK
+
+
+def _check_method(method: str) -> None:
+    from editing_core.editors import editor_names
+
+    if method not in editor_names():
+        raise UsageError(f"--method: unknown editing method {method!r}; available: {', '.join(editor_names())}")
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"--out {out}: directory is not empty (use --force to overwrite the artifact in it)")
+
+
+def _print_edit_summary(artifact: "EditArtifact", out: Path, seconds: float) -> None:
+    tensors = artifact.tensors()
+    values = sum(t.numel() for t in tensors.values())
+    names = artifact.meta.hashed_params
+    print(f"method:          {artifact.meta.method}")
+    print(f"requests:        {len(artifact.requests)}")
+    print(f"params touched:  {len(names)} ({', '.join(names)}); {values:,} values stored")
+    print(f"seconds:         {seconds:.1f}")
+    print(f"artifact:        {out} (id {artifact.meta.artifact_id}" + (f", parent {artifact.meta.parent})" if artifact.meta.parent else ")"))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from editing_core.data import load_facts
+    from editing_core.evaluate import EvalConfig, evaluate
+
+    requests = load_facts(args.facts)
+    heldout = [(r.prompt, r.target_new) for r in load_facts(args.heldout)] if args.heldout else None
+    artifact = _load_artifact(args.artifact, "--artifact") if args.artifact else None
+    parent = _load_artifact(args.parent, "--parent") if args.parent else None
+    if parent is not None and artifact is None:
+        raise UsageError("--parent is only used together with --artifact")
+    loaded = _load_model(args.model)
+    _check_lengths(loaded, requests)
+    with _attached(parent, loaded, args.parent):
+        if artifact is not None:
+            _check_base(artifact, loaded, args.artifact)
+        report = evaluate(loaded, requests, artifact, heldout, EvalConfig(progress=not args.json))
+    if args.json:
+        print(json.dumps({**report.metrics, "rows": report.rows}, ensure_ascii=False))
+        return EXIT_OK
+    from pipelines.report import format_metrics, format_rows
+
+    print(format_rows(report.rows))
+    print()
+    print(format_metrics(report.metrics))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------
+# shared helpers of edit / eval
+# ---------------------------------------------------------------------------------------
+
+
+def _load_model(name: str) -> "LoadedModel":
+    from editing_core.models import load_model
+
+    started = time.perf_counter()
+    try:
+        loaded = load_model(name)
+    except OSError as exc:
+        raise UsageError(f"--model {name}: cannot load the model: {exc}") from exc
+    log.info("loaded %s (%s, %d layers) in %.1f s", name, loaded.adapter.model_type, loaded.adapter.num_layers,
+             time.perf_counter() - started)
+    return loaded
+
+
+def _load_artifact(path: Path, flag: str) -> "EditArtifact":
+    from editing_core.artifacts import ArtifactError, load_artifact
+
+    if not path.is_dir():
+        raise ArtifactError(f"{flag} {path}: no such directory")
+    return load_artifact(path)
+
+
+def _check_lengths(loaded: "LoadedModel", requests: Sequence[Any]) -> None:
+    from editing_core.data import check_prompt_lengths
+
+    context = loaded.adapter.context_length
+    if context is None:
+        log.warning("%s declares no context length; prompt lengths are not checked", loaded.name)
+        return
+    check_prompt_lengths(requests, loaded.tokenizer, context)
+
+
+def _check_base(artifact: "EditArtifact", loaded: "LoadedModel", where: Path) -> None:
+    """Refuse, before any scoring, an artifact computed on other weights than the loaded model's."""
+    from editing_core.artifacts import ArtifactError, weights_hash
+
+    meta = artifact.meta
+    try:
+        actual = weights_hash(loaded.model, meta.hashed_params)
+    except ArtifactError as exc:
+        actual = f"(not comparable: {exc})"
+    if actual != meta.base_hash:
+        parent_hint = f" with its parent artifact {meta.parent} attached (--parent)" if meta.parent else ""
+        raise ArtifactError(
+            f"{where}: this artifact was made on base model {meta.base_model!r}{parent_hint}; the weights of "
+            f"{loaded.name!r} differ (hash {actual[:12]}, expected {meta.base_hash[:12]}). "
+            f"Evaluate it with --model {meta.base_model}"
+        )
+
+
+@contextmanager
+def _attached(artifact: "EditArtifact | None", loaded: "LoadedModel", where: Path | None) -> Iterator[None]:
+    """Attach `artifact` (a parent edit) for the duration of the block; no-op for None."""
+    if artifact is None:
+        yield
+        return
+    assert where is not None
+    _check_base(artifact, loaded, where)
+    with artifact.attached(loaded.model):
+        yield
+
+
+# ---------------------------------------------------------------------------------------
+# run and demo (Ray + MLflow)
+# ---------------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.runner import run_pipeline
+
+    result = run_pipeline(args.pipeline, address=args.address, tracking_uri=args.tracking_uri, output_dir=args.output_dir)
+    _print_pipeline_result(result)
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.runner import run_pipeline
+    from pipelines.spec import load_pipeline
+
+    with _demo_pipeline() as path:
+        spec = load_pipeline(path)
+        method = spec.edit.method if spec.edit else "no edit"
+        print(f"editflow demo: editing the facts of {spec.facts.name} in {spec.model} with {method} "
+              f"(pipeline {path})", flush=True)
+        result = run_pipeline(spec, tracking_uri=args.tracking_uri, output_dir=args.output_dir)
+    _print_pipeline_result(result)
+    return EXIT_OK
+
+
+@contextmanager
+def _demo_pipeline() -> Iterator[Path]:
+    """The packaged example pipeline as a real file next to its facts file.
+
+    `pipelines/examples` is package data, found with importlib.resources (wheel, zip or editable
+    install); files already on disk are used in place, others are copied out for the run.
+    """
+    import shutil
+    import tempfile
+    from importlib import resources
+
+    try:
+        examples: Any = resources.files("pipelines") / "examples"
+    except NotADirectoryError:
+        # CPython 3.11 cannot read resources of a namespace package whose path holds a
+        # setuptools editable-finder placeholder (an editable install made before
+        # pipelines/__init__.py existed); this module's own directory is the package then.
+        examples = Path(__file__).resolve().parent / "examples"
+    with resources.as_file(examples / "demo.yaml") as spec, resources.as_file(examples / "demo_facts.jsonl") as facts:
+        if spec.parent == facts.parent:
+            yield spec
+            return
+        with tempfile.TemporaryDirectory(prefix="editflow-demo-") as tmp:
+            for source in (spec, facts):
+                shutil.copy(source, Path(tmp) / source.name)
+            yield Path(tmp) / spec.name
+
+
+def _print_pipeline_result(result: "PipelineResult") -> None:
+    from infra.tracking import ui_hint
+    from pipelines.report import format_metrics, format_rows
+
+    if result.rows:
+        print(format_rows(result.rows))
+        print()
+    print(format_metrics(result.metrics))
+    print()
+    print(f"MLflow run {result.run_id} (experiment {result.experiment_name!r}, id {result.experiment_id})")
+    print(f"  tracking URI:  {result.tracking_uri}")
+    if result.artifact_dir is not None:
+        print(f"  edit artifact: {result.artifact_dir} (id {result.artifact_id})")
+    print(f"  local outputs: {result.output_dir}")
+    hint = ui_hint(result.tracking_uri, result.experiment_id, result.run_id).splitlines()
+    print(f"  open the UI:   {hint[0]}")
+    for line in hint[1:]:
+        print(f"                 {line}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

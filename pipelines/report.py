@@ -1,0 +1,119 @@
+"""Presenting edit results: readable text tables, CSV/JSON copies and a before/after chart.
+
+Used by the CLI (eval, run, demo) and the runner (files logged to MLflow). matplotlib is driven
+through its object API with the Agg canvas, so no global backend is switched and no window opens.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+# metric -> its pre-edit counterpart; locality compares the edited model with the unedited one,
+# so the unedited model's own locality is 1 by definition.
+BEFORE_AFTER: tuple[tuple[str, str | None], ...] = (
+    ("edit_success", "pre_edit_success"),
+    ("paraphrase", "pre_paraphrase"),
+    ("locality", None),
+    ("edit_success_generated", "pre_edit_success_generated"),
+    ("paraphrase_generated", "pre_paraphrase_generated"),
+    ("locality_generated", None),
+)
+
+TABLE_COLUMNS = ("prompt", "target_new", "before", "after", "accuracy_before", "accuracy_after")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value).replace("\n", "\\n")
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_rows(rows: Sequence[Mapping[str, Any]], max_width: int = 44) -> str:
+    """The per-request table (prompt, new target, answers and accuracies before/after) as text."""
+    if not rows:
+        return "(no rows)"
+    columns = [c for c in TABLE_COLUMNS if any(c in row for row in rows)]
+    cells = [[_clip(_cell(row.get(c)), max_width) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    """Metrics as aligned `name  value` lines; with pre-edit values, as `before -> after`."""
+    shown: set[str] = set()
+    lines = []
+    width = max((len(k) for k in metrics), default=0)
+    for name, pre in BEFORE_AFTER:
+        if name in metrics and pre is not None and pre in metrics:
+            lines.append(f"{name.ljust(width)}  {_cell(metrics[pre])} -> {_cell(metrics[name])}")
+            shown.update({name, pre})
+    for name, value in metrics.items():
+        if name not in shown:
+            lines.append(f"{name.ljust(width)}  {_cell(value)}")
+    return "\n".join(lines)
+
+
+def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    columns = [c for c in TABLE_COLUMNS if any(c in row for row in rows)]
+    columns += sorted({k for row in rows for k in row} - set(columns))
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_json(data: Any, path: Path) -> Path:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def chart_values(metrics: Mapping[str, Any]) -> list[tuple[str, float, float]]:
+    """(metric, before, after) for every before/after pair the metrics hold."""
+    values = []
+    for name, pre in BEFORE_AFTER:
+        after = metrics.get(name)
+        if not isinstance(after, (int, float)) or math.isnan(after):
+            continue
+        before = metrics.get(pre) if pre is not None else 1.0
+        if isinstance(before, (int, float)):
+            values.append((name, float(before), float(after)))
+    return values
+
+
+def plot_before_after(metrics: Mapping[str, Any], path: Path, title: str) -> Path | None:
+    """A PNG bar chart of each metric before vs after the edit; None when there is nothing to plot."""
+    values = chart_values(metrics)
+    if not values:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    positions = range(len(values))
+    axes.bar([p - 0.2 for p in positions], [v[1] for v in values], width=0.4, label="before edit", color="#9aa5b1")
+    axes.bar([p + 0.2 for p in positions], [v[2] for v in values], width=0.4, label="after edit", color="#2f6fb3")
+    axes.set_xticks(list(positions), [v[0].replace("_", "\n") for v in values], fontsize=8)
+    axes.set_ylim(0, 1.2)
+    axes.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    axes.set_ylabel("score")
+    axes.set_title(title)
+    axes.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return path

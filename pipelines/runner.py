@@ -1,0 +1,321 @@
+"""The one runner: a validated pipeline spec -> a Ray model worker -> one MLflow run.
+
+    spec = load_pipeline(path)            # everything checkable without a model, before Ray
+    MLflow run opened (RUNNING), params and inputs logged
+    Ray initialised (local unless `address`), ModelWorker started (loads the model once)
+    steps: validate (prompt lengths) -> edit -> evaluate, each a call on the worker
+    outputs written to a local run directory and logged: metrics, tags, edit_artifact/,
+    results/ (before/after table as CSV + JSON + MLflow table, metrics.json, metrics.png)
+
+A failing step marks the MLflow run FAILED with its error and the exception propagates (an
+exception raised inside the worker is re-raised as itself, not as Ray's wrapper). A Ray session
+the caller initialised is used and left running; one this runner started is shut down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from tqdm.auto import tqdm
+
+from editing_core.config import ConfigError, config_to_dict
+from editing_core.data import EditRequest, load_facts
+from infra.tracking import (
+    EDIT_ARTIFACT_PATH,
+    RunRecord,
+    TrackedRun,
+    check_reachable,
+    flatten_params,
+    log_pipeline_run,
+    resolve_tracking_uri,
+    tracked_run,
+)
+from pipelines import report
+from pipelines.spec import PipelineSpec, load_pipeline
+from tasks.model_worker import requests_to_dicts, start_model_worker
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from editing_core.artifacts import EditArtifact
+    from editing_core.evaluate import EvalReport
+
+log = logging.getLogger(__name__)
+
+# metrics of a baseline run (evaluate without edit) describe the unedited model: logged as pre_*
+BASELINE_METRICS = ("edit_success", "paraphrase", "edit_success_generated", "paraphrase_generated")
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What a pipeline run produced and where it is recorded.
+
+    metrics:      the logged metrics (post-edit, pre_* and timings).
+    rows:         the before/after table, one row per request.
+    artifact_dir: local copy of the edit artifact (None without an edit step).
+    output_dir:   the local run directory (artifact, table, chart).
+    """
+
+    run_id: str
+    experiment_id: str
+    experiment_name: str
+    tracking_uri: str
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]]
+    artifact_dir: Path | None
+    artifact_id: str | None
+    output_dir: Path
+
+
+@dataclass
+class _Inputs:
+    """What the driver reads from disk and sends to the worker."""
+
+    requests: list[EditRequest]
+    heldout: list[tuple[str, str]] | None
+    facts_sha256: str
+
+
+@dataclass
+class _Outcome:
+    """What the steps produced."""
+
+    worker: dict[str, Any] = field(default_factory=dict)
+    artifact: "EditArtifact | None" = None
+    report: "EvalReport | None" = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_pipeline(
+    spec_path: str | os.PathLike[str] | PipelineSpec,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+) -> PipelineResult:
+    """Validate the pipeline at `spec_path` (or take an already loaded spec), run it on Ray and
+    record it as one MLflow run.
+
+    address:      a Ray cluster address (None: use the caller's Ray session, else start a local one).
+    tracking_uri: MLflow tracking URI (None: $MLFLOW_TRACKING_URI, else ./mlruns.db).
+    output_dir:   where the local run directory goes (default: ./runs).
+    """
+    spec = spec_path if isinstance(spec_path, PipelineSpec) else load_pipeline(spec_path)
+    inputs = _read_inputs(spec)
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    with tracked_run(uri, spec.experiment, spec.name, tags={"pipeline": spec.name, "base_model": spec.model}) as run:
+        log_pipeline_run(run, _start_record(spec, inputs))
+        with ray_session(address, spec):
+            outcome = _run_steps(spec, inputs)
+        run_dir = _run_directory(output_dir, spec, run)
+        metrics = _metrics(outcome)
+        rows = outcome.report.rows if outcome.report is not None else []
+        log_pipeline_run(run, _end_record(spec, outcome, metrics, rows, run_dir))
+    artifact = outcome.artifact
+    return PipelineResult(
+        run_id=run.run_id, experiment_id=run.experiment_id, experiment_name=run.experiment_name,
+        tracking_uri=uri, metrics=metrics, rows=rows,
+        artifact_dir=run_dir / EDIT_ARTIFACT_PATH if artifact is not None else None,
+        artifact_id=artifact.meta.artifact_id if artifact is not None else None, output_dir=run_dir,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# inputs and Ray
+# ---------------------------------------------------------------------------------------
+
+
+def _read_inputs(spec: PipelineSpec) -> _Inputs:
+    """The requests, the heldout pairs and the facts file's sha256 (the driver reads files; workers never do)."""
+    heldout = None
+    if spec.heldout is not None:
+        heldout = [(r.prompt, r.target_new) for r in load_facts(spec.heldout)]
+    return _Inputs(requests=load_facts(spec.facts), heldout=heldout, facts_sha256=file_sha256(spec.facts))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def ray_session(address: str | None, spec: PipelineSpec) -> Iterator[None]:
+    """Use the caller's Ray session if there is one; else start (and later shut down) our own:
+    a local cluster, or a connection to `address`."""
+    import ray
+
+    if ray.is_initialized():
+        if address:
+            log.warning("Ray is already initialised by the caller; ignoring address %r", address)
+        _check_cpus(spec, strict=False)
+        yield
+        return
+    local = not address and not os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"include_dashboard": False} if local else {}
+    log.info("starting Ray %s", "locally" if local else f"connection to {address or os.environ['RAY_ADDRESS']}")
+    ray.init(address=address or None, logging_level=logging.WARNING, **kwargs)
+    try:
+        _check_cpus(spec, strict=local)
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _check_cpus(spec: PipelineSpec, strict: bool) -> None:
+    """Refuse (local cluster) or warn about (remote, may autoscale) a worker that cannot fit."""
+    import ray
+
+    available = ray.cluster_resources().get("CPU", 0.0)
+    if spec.resources.cpus <= available:
+        return
+    message = (
+        f"{spec.source}: resources.cpus: the model worker asks for {spec.resources.cpus:g} CPUs "
+        f"but the Ray cluster has {available:g}"
+    )
+    if strict:
+        raise ConfigError(message)
+    log.warning("%s; the worker waits until the cluster grows", message)
+
+
+def _get(ref: Any) -> Any:
+    """`ray.get`, re-raising an exception from the worker as itself (its Ray wrapper as the cause)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from exc
+        raise
+
+
+# ---------------------------------------------------------------------------------------
+# steps
+# ---------------------------------------------------------------------------------------
+
+
+def _run_steps(spec: PipelineSpec, inputs: _Inputs) -> _Outcome:
+    """Start the worker and run the spec's steps on it, with a progress bar over the steps."""
+    import ray
+
+    outcome = _Outcome()
+    requests = requests_to_dicts(inputs.requests)
+    worker = start_model_worker(spec.model, spec.resources.cpus)
+    phases: list[tuple[str, Callable[[], None]]] = [
+        ("load model", lambda: outcome.worker.update(_get(worker.describe.remote()))),
+    ]
+    for kind in spec.steps:
+        phases.append((kind, lambda kind=kind: _STEPS[kind](worker, spec, inputs, requests, outcome)))
+    try:
+        with tqdm(total=len(phases), desc=f"pipeline {spec.name}", unit="step") as bar:
+            for name, run in phases:
+                bar.set_postfix_str(name)
+                log.info("step %s", name)
+                started = time.perf_counter()
+                run()
+                outcome.seconds[name] = time.perf_counter() - started
+                bar.update()
+    finally:
+        ray.kill(worker)
+    return outcome
+
+
+def _validate_step(worker: Any, spec: PipelineSpec, inputs: _Inputs, requests: list[dict[str, Any]], outcome: _Outcome) -> None:
+    _get(worker.check_lengths.remote(requests))
+
+
+def _edit_step(worker: Any, spec: PipelineSpec, inputs: _Inputs, requests: list[dict[str, Any]], outcome: _Outcome) -> None:
+    assert spec.edit is not None
+    outcome.artifact = _get(worker.edit.remote(spec.edit.method, spec.edit.config, requests))
+
+
+def _evaluate_step(worker: Any, spec: PipelineSpec, inputs: _Inputs, requests: list[dict[str, Any]], outcome: _Outcome) -> None:
+    assert spec.evaluate is not None
+    config = config_to_dict(spec.evaluate)
+    outcome.report = _get(worker.evaluate.remote(requests, outcome.artifact, inputs.heldout, config))
+
+
+_STEPS: dict[str, Callable[..., None]] = {
+    "validate": _validate_step,
+    "edit": _edit_step,
+    "evaluate": _evaluate_step,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# what gets recorded
+# ---------------------------------------------------------------------------------------
+
+
+def _metrics(outcome: _Outcome) -> dict[str, Any]:
+    """Numeric metrics to log: the evaluation (None values dropped) and step timings.
+
+    A baseline run (no edit) scores the unedited model: its metrics are logged as pre_*.
+    """
+    metrics: dict[str, Any] = {}
+    if outcome.report is not None:
+        values = outcome.report.metrics
+        if outcome.artifact is None:
+            values = {**{f"pre_{k}": values.get(k) for k in BASELINE_METRICS}, "n_requests": values.get("n_requests")}
+        metrics.update({k: v for k, v in values.items() if v is not None})
+    metrics.update({f"seconds_{name.replace(' ', '_')}": round(s, 3) for name, s in outcome.seconds.items()})
+    return metrics
+
+
+def _start_record(spec: PipelineSpec, inputs: _Inputs) -> RunRecord:
+    """Params and input files, logged as soon as the run opens (so a failed run has them too)."""
+    params: dict[str, Any] = {
+        "model": spec.model,
+        "method": spec.edit.method if spec.edit else "none",
+        "steps": ",".join(spec.steps),
+        "n_requests": len(inputs.requests),
+        "facts_file": spec.facts.name,
+        "facts_sha256": inputs.facts_sha256,
+        "cpus": spec.resources.cpus,
+    }
+    if spec.edit is not None:
+        params.update(flatten_params(spec.edit.config, "config."))
+    if spec.evaluate is not None:
+        params.update(flatten_params(config_to_dict(spec.evaluate), "eval."))
+    files = [(spec.facts, "inputs"), (spec.source, "inputs")]
+    if spec.heldout is not None:
+        params["heldout_sha256"] = file_sha256(spec.heldout)
+        files.append((spec.heldout, "inputs/heldout"))
+    return RunRecord(params=params, files=files)
+
+
+def _run_directory(output_dir: str | os.PathLike[str] | None, spec: PipelineSpec, run: TrackedRun) -> Path:
+    base = Path(output_dir) if output_dir is not None else Path.cwd() / "runs"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)
+    path = (base / f"{safe}-{run.run_id[:8]}").resolve()
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def _end_record(spec: PipelineSpec, outcome: _Outcome, metrics: dict[str, Any], rows: list[dict[str, Any]], run_dir: Path) -> RunRecord:
+    """Metrics, tags and result files: the edit artifact, the table and the chart."""
+    record = RunRecord(metrics=metrics, table_rows=rows)
+    record.tags["model_type"] = outcome.worker.get("model_type")
+    if outcome.artifact is not None:
+        meta = outcome.artifact.meta
+        record.tags.update(method=meta.method, artifact_id=meta.artifact_id, base_weights_hash=meta.base_hash)
+        record.dirs.append((outcome.artifact.save(run_dir / EDIT_ARTIFACT_PATH), EDIT_ARTIFACT_PATH))
+    results = run_dir / "results"
+    results.mkdir()
+    files = [report.write_json(metrics, results / "metrics.json")]
+    if rows:
+        files += [report.write_rows_csv(rows, results / "before_after.csv"), report.write_json(rows, results / "before_after.json")]
+    chart = report.plot_before_after(metrics, results / "metrics.png", f"{spec.name}: {spec.model}")
+    if chart is not None:
+        files.append(chart)
+    record.files += [(path, "results") for path in files]
+    return record
