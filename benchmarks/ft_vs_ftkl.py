@@ -4,11 +4,12 @@
 
 Each of the first N rows of the split is edited alone (the usual CounterFact protocol), scored
 before and after with editing_core.evaluate, and the edit is detached again. Drawdown is measured
-on a fixed held-out set: the locality (prompt, answer) pairs of all N rows, of which evaluate
-keeps those the unedited model gets fully right.
+on a fixed held-out set: the locality (prompt, answer) pairs of --heldout train rows (from row
+1000 on, away from the KL anchors), of which evaluate keeps those the unedited model gets right.
 
-FT+KL's KL texts come from the train split (--kl-texts of them), never from the evaluated rows:
-anchoring on the very prompts that locality is scored on would flatter it.
+FT+KL's KL texts come from the train split, never from the evaluated rows: --kl-texts locality
+texts, and --subject-swaps copies of the edited prompt with a train subject in place of the
+edited one. Anchoring on the very prompts that locality is scored on would flatter it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from editing_core.evaluate import EvalConfig, evaluate
 from editing_core.models import load_model
 
 SHARED_DATA = Path(os.environ.get("EDITFLOW_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+HELDOUT_START = 1000  # train rows used for drawdown start here
 COLUMNS = (
     "edit_success", "paraphrase", "locality", "drawdown",
     "edit_success_generated", "paraphrase_generated", "locality_generated",
@@ -43,19 +45,21 @@ def load_rows(split: str, n: int):
     return requests_from_dataset(datasets.Dataset.from_list(rows), f"{path.name}[:{n}]")
 
 
-def kl_texts(n: int) -> list[str]:
-    """Locality texts from the train split, disjoint from the evaluated val rows."""
-    return [f"{r.locality_prompt} {r.locality_answer}" for r in load_rows("train", n)]
+def method_overrides(method: str, n_kl_texts: int, n_swaps: int) -> dict:
+    """FT+KL anchors from the train split (disjoint from the evaluated val rows)."""
+    if method != "ft_kl":
+        return {}
+    train = load_rows("train", max(n_kl_texts, n_swaps))
+    return {
+        "use_request_locality": False,
+        "kl_prompts": [f"{r.locality_prompt} {r.locality_answer}" for r in train[:n_kl_texts]],
+        "subject_swaps": n_swaps,
+        "swap_subjects": [r.subject for r in train[:n_swaps] if r.subject],
+    }
 
 
-def method_overrides(method: str, n_kl_texts: int) -> dict:
-    if method == "ft_kl":
-        return {"use_request_locality": False, "kl_prompts": kl_texts(n_kl_texts)}
-    return {}
-
-
-def run_method(loaded, method: str, requests, heldout, n_kl_texts: int) -> dict:
-    editor = make_editor(method, **method_overrides(method, n_kl_texts))
+def run_method(loaded, method: str, requests, heldout, n_kl_texts: int, n_swaps: int) -> dict:
+    editor = make_editor(method, **method_overrides(method, n_kl_texts, n_swaps))
     per_edit: dict[str, list[float]] = {key: [] for key in (*COLUMNS, "seconds_per_edit")}
     for request in tqdm(requests, desc=method):
         start = time.perf_counter()
@@ -67,7 +71,7 @@ def run_method(loaded, method: str, requests, heldout, n_kl_texts: int) -> dict:
                 per_edit[key].append(metrics[key])
     summary = {key: fmean(values) if values else None for key, values in per_edit.items()}
     summary["n_edits"] = len(requests)
-    summary["config"] = {k: v for k, v in editor.config.__dict__.items() if k != "kl_prompts"}
+    summary["config"] = {k: v for k, v in editor.config.__dict__.items() if k not in ("kl_prompts", "swap_subjects")}
     return summary
 
 
@@ -80,26 +84,47 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict[str, dict], path: Path, title: str) -> None:
+    from pipelines.report import plot_bars
+
+    scored = [c for c in COLUMNS if c != "drawdown"]  # drawdown can be negative: it is in the table
+    plot_bars({m: [r[c] or 0.0 for c in scored] for m, r in results.items()}, scored, path, title)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--split", default="val", choices=["train", "val"])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--methods", default="ft,ft_kl")
-    parser.add_argument("--kl-texts", type=int, default=16, help="FT+KL: locality texts from train")
+    parser.add_argument("--kl-texts", type=int, default=8, help="FT+KL: locality texts from train")
+    parser.add_argument("--subject-swaps", type=int, default=4, help="FT+KL: edited prompt with train subjects")
+    parser.add_argument("--heldout", type=int, default=20, help="train rows whose locality pairs measure drawdown")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--plot", type=Path, help="also draw them as a PNG bar chart here")
+    parser.add_argument("--from-json", type=Path, help="do not run: print (and plot) results saved with --json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    loaded = load_model(args.model)
-    requests = load_rows(args.split, args.n)
-    heldout = [(r.locality_prompt, r.locality_answer) for r in requests if r.locality_prompt and r.locality_answer]
-    results = {m: run_method(loaded, m, requests, heldout, args.kl_texts) for m in args.methods.split(",")}
-    print(f"\n{args.model}, CounterFact {args.split}[:{args.n}], single edits, defaults of each method\n")
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text(encoding="utf-8"))
+        results = saved["results"]
+        title = saved.get("title") or f"{saved['model']}, CounterFact {saved['split']}[:{saved['n']}], single edits"
+    else:
+        loaded = load_model(args.model)
+        requests = load_rows(args.split, args.n)
+        heldout = [(r.locality_prompt, r.locality_answer) for r in load_rows("train", HELDOUT_START + args.heldout)[HELDOUT_START:]]
+        results = {m: run_method(loaded, m, requests, heldout, args.kl_texts, args.subject_swaps) for m in args.methods.split(",")}
+        title = (f"{args.model}, CounterFact {args.split}[:{args.n}], single edits, defaults of each method "
+                 f"(FT+KL: {args.kl_texts} KL texts and {args.subject_swaps} subject swaps from train)")
+    print(f"\n{title}\n")
     print(markdown(results))
-    if args.json:
+    if args.json and not args.from_json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": args.model, "split": args.split, "n": args.n, "results": results}, indent=2, default=list))
+        document = {"model": args.model, "split": args.split, "n": args.n, "title": title, "results": results}
+        args.json.write_text(json.dumps(document, indent=2, default=list))
+    if args.plot:
+        plot(results, args.plot, title.split(", defaults")[0])
 
 
 if __name__ == "__main__":

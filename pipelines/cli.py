@@ -97,7 +97,7 @@ def _add_edit(commands: Any) -> None:
         "example:\n  editflow edit --model smollm2-135m --method ft_kl --facts facts.jsonl --layers 4,5,6 --out edits/v1",
     )
     _add_model(sub)
-    sub.add_argument("--method", required=True, help="editing method: ft (fine-tuning) or ft_kl (fine-tuning + KL locality term)")
+    sub.add_argument("--method", required=True, help="editing method by registry name, e.g. ft (fine-tuning) or ft_kl (+ KL locality term); an unknown name lists them all")
     _add_facts(sub)
     sub.add_argument("--layers", type=_layers, metavar="L1,L2", help="layers to edit, comma-separated (negative counts from the end); overrides the config")
     sub.add_argument("--config", type=Path, metavar="YAML", help="the method's config as a YAML mapping (strict: unknown keys are errors)")

@@ -99,21 +99,31 @@ def plot_before_after(metrics: Mapping[str, Any], path: Path, title: str) -> Pat
     values = chart_values(metrics)
     if not values:
         return None
+    series = {"before edit": [v[1] for v in values], "after edit": [v[2] for v in values]}
+    return plot_bars(series, [v[0] for v in values], path, title)
+
+
+BAR_COLORS = ("#9aa5b1", "#2f6fb3", "#d9822b", "#3c9d5d", "#8e5ea2")
+
+
+def plot_bars(series: Mapping[str, Sequence[float]], labels: Sequence[str], path: Path, title: str) -> Path:
+    """A PNG grouped bar chart of scores in [0, 1]: one group per label, one bar per series."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 4), dpi=120)
+    figure = Figure(figsize=(max(8, 1.1 * len(labels)), 4), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    positions = range(len(values))
-    axes.bar([p - 0.2 for p in positions], [v[1] for v in values], width=0.4, label="before edit", color="#9aa5b1")
-    axes.bar([p + 0.2 for p in positions], [v[2] for v in values], width=0.4, label="after edit", color="#2f6fb3")
-    axes.set_xticks(list(positions), [v[0].replace("_", "\n") for v in values], fontsize=8)
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        offset = (i - (len(series) - 1) / 2) * width
+        axes.bar([p + offset for p in range(len(labels))], values, width=width, label=name, color=BAR_COLORS[i % len(BAR_COLORS)])
+    axes.set_xticks(list(range(len(labels))), [label.replace("_", "\n") for label in labels], fontsize=8)
     axes.set_ylim(0, 1.2)
     axes.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     axes.set_ylabel("score")
     axes.set_title(title)
-    axes.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
+    axes.legend(loc="upper center", ncol=len(series), fontsize=8, frameon=False)
     figure.tight_layout()
     figure.savefig(path, format="png")
     return path

@@ -87,6 +87,9 @@ class WeightEditConfig:
     norm_constraint: if set, every weight stays within +-norm_constraint of its original value
                      (the constrained fine-tuning of Zhu et al. 2020, "FT-L" in the editing
                      literature, https://arxiv.org/abs/2012.00363); None leaves it free.
+    stop_loss:       stop early once the target NLL (nats per token, averaged per request then
+                     over requests, measured before a step) is below this; None runs all `steps`. Stopping once the new facts
+                     are likely keeps the change small, which protects unrelated prompts.
     batch_size:      requests per forward pass (gradients accumulate over a step's batches).
     progress:        show a progress bar.
     """
@@ -96,6 +99,7 @@ class WeightEditConfig:
     steps: int = 20
     lr: float = 1e-3
     norm_constraint: float | None = None
+    stop_loss: float | None = None
     batch_size: int = 16
     progress: bool = False
 
@@ -109,6 +113,8 @@ class WeightEditConfig:
             raise ValueError("steps and batch_size must be >= 1 and lr > 0")
         if self.norm_constraint is not None and self.norm_constraint <= 0:
             raise ValueError("norm_constraint must be > 0 (or null for none)")
+        if self.stop_loss is not None and self.stop_loss <= 0:
+            raise ValueError("stop_loss must be > 0 (or null for none)")
 
 
 class WeightEditor(Editor):
@@ -144,10 +150,16 @@ class WeightEditor(Editor):
             for p in params.values():
                 p.requires_grad_(True)
             optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
-            for _ in tqdm(range(cfg.steps), desc=f"{self.name} edit", disable=not cfg.progress):
+            for step in tqdm(range(cfg.steps), desc=f"{self.name} edit", disable=not cfg.progress):
                 optimizer.zero_grad(set_to_none=True)
+                target_nll = 0.0  # mean over requests of each request's per-token NLL
                 for batch in batches:  # accumulate: the loss is the mean NLL over all requests
-                    (completion_nll(completion_logits(model, batch), batch).sum() / len(requests)).backward()
+                    nll = completion_nll(completion_logits(model, batch), batch).sum() / len(requests)
+                    nll.backward()
+                    target_nll += nll.item()
+                if cfg.stop_loss is not None and target_nll < cfg.stop_loss:
+                    log.info("%s: stopped before step %d, target NLL %.4f", self.name, step + 1, target_nll)
+                    break
                 extra = self.extra_loss(loaded, context)
                 if torch.is_tensor(extra):
                     extra.backward()

@@ -201,3 +201,51 @@ def test_a_parent_must_be_attached_while_editing_on_top_of_it(llama, facts):
     parent = make_editor("ft", layers=(0,), steps=1).edit(llama, facts[:1])
     with pytest.raises(ValueError, match="parent"):
         make_editor("ft", layers=(1,), steps=1).edit(llama, facts[1:], parent=parent)
+
+
+def test_stop_loss_ends_the_loop_once_the_targets_are_likely(llama, facts):
+    full = make_editor("ft", layers=(0,), steps=8, lr=1e-2).edit(llama, facts)
+    never = make_editor("ft", layers=(0,), steps=8, lr=1e-2, stop_loss=1e-9).edit(llama, facts)
+    at_once = make_editor("ft", layers=(0,), steps=8, lr=1e-2, stop_loss=1e9).edit(llama, facts)
+    for name in full.deltas:
+        assert torch.equal(full.deltas[name].dense, never.deltas[name].dense)  # threshold never met
+        assert not at_once.deltas[name].dense.any()  # met before the first step: no change
+    with pytest.raises(ValueError, match="stop_loss"):
+        make_editor("ft", stop_loss=0.0)
+
+
+def test_subject_swaps_ask_the_edited_relation_of_other_subjects():
+    requests = [
+        EditRequest("Alice plays", "chess", subject="Alice"),
+        EditRequest("Bob works for", "Sega", subject="Bob"),
+        EditRequest("Carol works for", "Nokia", subject="Carol"),  # "Carol works for" is edited
+        EditRequest("The river of Egypt is", "Cairo"),  # no subject: no swaps
+    ]
+    editor = make_editor("ft_kl", subject_swaps=2, swap_subjects=("Dave",), kl_prompts=("x",))
+    assert editor.subject_swapped_prompts(requests) == [
+        "Bob plays", "Carol plays",  # capped at 2 per request
+        "Alice works for", "Dave works for",  # "Carol works for" is itself being edited
+        "Alice works for", "Dave works for",
+    ]
+    assert make_editor("ft_kl", kl_prompts=("x",)).subject_swapped_prompts(requests) == []  # off by default
+
+
+def test_subject_swap_anchors_hold_the_relation_for_other_subjects(llama):
+    """Fine-tuning "Alice plays -> chess" also moves what follows "Bob plays"; with subject
+    swaps the pre-edit distribution there is a KL anchor and moves much less."""
+    requests = [EditRequest("Alice plays", "chess", subject="Alice")]
+    batch = text_batch(llama.tokenizer, ["Bob plays"])
+    last = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    last[:, -1] = True
+    with torch.no_grad():
+        reference = completion_logits(llama.model, batch).float().log_softmax(-1)
+
+    def drift(artifact):
+        with artifact.attached(llama.model), torch.no_grad():
+            return kl_from_reference(completion_logits(llama.model, batch), reference, last).item()
+
+    kwargs = dict(layers=(0, 1), steps=20, lr=5e-2, kl_weight=10.0, kl_prompts=("the city",))
+    plain = make_editor("ft_kl", **kwargs).edit(llama, requests)
+    swapped = make_editor("ft_kl", subject_swaps=1, swap_subjects=("Bob",), **kwargs).edit(llama, requests)
+    assert evaluate(llama, requests, swapped, config=FAST).metrics["edit_success"] == 1.0
+    assert drift(swapped) < 0.5 * drift(plain)
