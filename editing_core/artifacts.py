@@ -26,7 +26,7 @@ import time
 import uuid
 import weakref
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
@@ -238,6 +238,27 @@ class EditArtifact(ABC):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return directory
+
+
+def check_chain(artifacts: Sequence[EditArtifact]) -> None:
+    """Refuse a stack of artifacts in which some artifact was not computed on top of the one
+    before it (the first may have no parent or one that is already part of the base)."""
+    for below, above in zip(artifacts, artifacts[1:]):
+        if above.meta.parent != below.meta.artifact_id:
+            raise ArtifactError(
+                f"artifact {above.meta.artifact_id} was computed on top of {above.meta.parent or 'the base model'}, "
+                f"not on {below.meta.artifact_id}: attach artifacts in the order they were made"
+            )
+
+
+@contextmanager
+def attached_chain(model: nn.Module, artifacts: Sequence[EditArtifact]) -> Iterator[nn.Module]:
+    """Attach `artifacts` in order, each on top of the one before; detach all in reverse on exit."""
+    check_chain(artifacts)
+    with ExitStack() as stack:
+        for artifact in artifacts:
+            stack.enter_context(artifact.attached(model))
+        yield model
 
 
 def _apply_umask(directory: Path) -> None:

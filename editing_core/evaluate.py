@@ -108,6 +108,17 @@ def greedy_continuations(
     return out
 
 
+def generate_texts(loaded: LoadedModel, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy continuations of `prompts` as text, at most `max_new_tokens` tokens each, cut at
+    the end-of-sequence token (what serving answers)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    tok = loaded.tokenizer
+    ids = greedy_continuations(loaded.model, tok, prompts, [max_new_tokens] * len(prompts), batch_size)
+    if tok.eos_token_id is not None:
+        ids = [seq[: seq.index(tok.eos_token_id)] if tok.eos_token_id in seq else seq for seq in ids]
+    return [tok.decode(seq, skip_special_tokens=True) for seq in ids]
+
 @dataclass
 class _Probe:
     """Everything that is scored on the model: built once, run before and after the edit."""

@@ -5,6 +5,7 @@
     editflow eval --model M [--artifact DIR] --facts FILE [--heldout FILE] [--json]
     editflow run PIPELINE.yaml [--address ADDR] [--tracking-uri URI]
     editflow demo [--tracking-uri URI]
+    editflow edits list|show|diff|promote|rollback NAME [VERSION ...] [--tracking-uri URI] [--json]
 
 Errors a user can cause (bad facts, config, artifact, model, missing input files) print a
 message on stderr and exit with status 2, without a traceback (`-v` shows it). Everything heavy
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_verbosity(parser, on_subcommand=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_validate, _add_edit, _add_eval, _add_run, _add_demo):
+    for add in (_add_validate, _add_edit, _add_eval, _add_run, _add_demo, _add_edits):
         add(commands)
     return parser
 
@@ -147,6 +148,33 @@ def _add_demo(commands: Any) -> None:
     _add_tracking(sub)
     sub.add_argument("--output-dir", type=Path, metavar="DIR", help="where the local run directory goes (default: ./runs)")
     sub.set_defaults(handler=_cmd_demo)
+
+
+EDITS_ACTIONS = {
+    "list": "versions with their aliases, method, edits, gates and metrics",
+    "show": "one version (default: the champion): lineage, facts, metrics",
+    "diff": "facts added / removed and metric changes between two versions",
+    "promote": "make VERSION the champion",
+    "rollback": "move champion back to the champion before it",
+}
+
+
+def _add_edits(commands: Any) -> None:
+    sub = _subparser(
+        commands, "edits", "manage registered edit versions (MLflow Model Registry)",
+        "Every pipeline run that edits registers a version of NAME (default <model>-edits) with\n"
+        "the alias `candidate`; `champion` marks the version that serves. Actions:\n"
+        + "".join(f"  {name:<9} {text}\n" for name, text in EDITS_ACTIONS.items())
+        + "\nexamples:\n  editflow edits list smollm2-135m-edits\n  editflow edits diff smollm2-135m-edits 1 2\n"
+        "  editflow edits promote smollm2-135m-edits 3\n  editflow edits rollback smollm2-135m-edits",
+    )
+    sub.add_argument("action", choices=list(EDITS_ACTIONS), help="what to do")
+    sub.add_argument("name", metavar="NAME", help="registered model name")
+    sub.add_argument("versions", nargs="*", metavar="VERSION",
+                     help="show: one (number or alias, default champion); diff: two; promote: one")
+    _add_tracking(sub)
+    sub.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    sub.set_defaults(handler=_cmd_edits)
 
 
 def _add_model(sub: argparse.ArgumentParser) -> None:
@@ -413,6 +441,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_edits(args: argparse.Namespace) -> int:
+    from infra import registry
+    from infra.tracking import check_reachable, resolve_tracking_uri
+
+    wanted = {"list": (0, 0), "show": (0, 1), "diff": (2, 2), "promote": (1, 1), "rollback": (0, 0)}[args.action]
+    if not wanted[0] <= len(args.versions) <= wanted[1]:
+        count = str(wanted[0]) if wanted[0] == wanted[1] else f"{wanted[0]} or {wanted[1]}"
+        raise UsageError(f"edits {args.action}: expected {count} VERSION argument(s), got {len(args.versions)}")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    client = registry.client_for(uri)
+    if args.action == "list":
+        alias_map = registry.aliases(client, args.name)
+        result: Any = [registry.version_summary(v, alias_map) for v in registry.list_versions(client, args.name)]
+    elif args.action == "show":
+        version = registry.get_version(client, args.name, args.versions[0] if args.versions else registry.CHAMPION)
+        result = {**registry.version_summary(version, registry.aliases(client, args.name)),
+                  "facts": registry.read_lineage_facts(uri, version)}
+    elif args.action == "diff":
+        result = registry.diff_versions(uri, args.name, *args.versions)
+    elif args.action == "promote":
+        previous = registry.promote(client, args.name, args.versions[0])
+        result = {"champion": str(registry.get_version(client, args.name, registry.CHAMPION).version), "previous": previous}
+    else:
+        old, new = registry.rollback(client, args.name)
+        result = {"champion": new, "rolled_back": old}
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, default=str))
+    else:
+        from pipelines.report import format_edits
+
+        print(format_edits(args.action, args.name, result))
+    return EXIT_OK
+
+
 @contextmanager
 def _demo_pipeline() -> Iterator[Path]:
     """The packaged example pipeline as a real file next to its facts file.
@@ -455,6 +518,12 @@ def _print_pipeline_result(result: "PipelineResult") -> None:
     if result.artifact_dir is not None:
         print(f"  edit artifact: {result.artifact_dir} (id {result.artifact_id})")
     print(f"  local outputs: {result.output_dir}")
+    reg = result.registration
+    if reg is not None:
+        state = "champion" if reg.promoted else "candidate (champion unchanged" + (
+            f": gates failed: {'; '.join(reg.gate_failures)})" if reg.gate_failures else ")")
+        print(f"  registry:      {reg.name} version {reg.version}, {state}")
+        print(f"                 editflow edits show {reg.name} {reg.version}")
     hint = ui_hint(result.tracking_uri, result.experiment_id, result.run_id).splitlines()
     print(f"  open the UI:   {hint[0]}")
     for line in hint[1:]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -38,11 +39,12 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def format_rows(rows: Sequence[Mapping[str, Any]], max_width: int = 44) -> str:
-    """The per-request table (prompt, new target, answers and accuracies before/after) as text."""
+def format_rows(rows: Sequence[Mapping[str, Any]], max_width: int = 44, columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """Rows as an aligned text table of `columns` (those present in some row); by default the
+    per-request table (prompt, new target, answers and accuracies before/after)."""
     if not rows:
         return "(no rows)"
-    columns = [c for c in TABLE_COLUMNS if any(c in row for row in rows)]
+    columns = [c for c in columns if any(c in row for row in rows)]
     cells = [[_clip(_cell(row.get(c)), max_width) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
@@ -64,6 +66,37 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
         if name not in shown:
             lines.append(f"{name.ljust(width)}  {_cell(value)}")
     return "\n".join(lines)
+
+
+VERSION_COLUMNS = ("version", "aliases", "method", "n_edits", "n_new_edits", "parent_version", "gates",
+                   "edit_success", "paraphrase", "locality")
+FACT_COLUMNS = ("prompt", "target_new", "ground_truth", "method", "digest")
+
+
+def format_edits(action: str, name: str, result: Any) -> str:
+    """The text output of `editflow edits ACTION` for `result` (what infra.registry returned)."""
+    if action == "list":
+        rows = [{**v, **v["metrics"], "aliases": ",".join(v["aliases"])} for v in result]
+        return f"{name}: {len(rows)} versions\n" + format_rows(rows, max_width=40, columns=VERSION_COLUMNS)
+    if action == "show":
+        head = {k: v for k, v in result.items() if k not in ("facts", "metrics")}
+        head["aliases"] = ", ".join(head["aliases"]) or None
+        if head.get("created"):
+            head["created"] = datetime.fromtimestamp(head["created"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        lines = [f"{name} version {result['version']}"] + [f"  {k}: {_cell(v)}" for k, v in head.items()]
+        lines += ["metrics:", *(f"  {k}: {_cell(v)}" for k, v in sorted(result["metrics"].items()))]
+        lines += [f"facts ({len(result['facts'])}):", format_rows(result["facts"], columns=FACT_COLUMNS)]
+        return "\n".join(lines)
+    if action == "diff":
+        lines = [f"{name}: version {result['old']} -> {result['new']}"]
+        for label in ("added", "removed"):
+            lines += [f"facts {label} ({len(result[label])}):", format_rows(result[label], columns=FACT_COLUMNS)]
+        lines.append("metrics:")
+        lines += [f"  {k}: {_cell(v['old'])} -> {_cell(v['new'])}" for k, v in result["metrics"].items()]
+        return "\n".join(lines)
+    if action == "promote":
+        return f"{name}: champion is version {result['champion']} (was {result['previous'] or 'none'})"
+    return f"{name}: champion rolled back from version {result['rolled_back']} to {result['champion']}"
 
 
 def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:

@@ -3,9 +3,12 @@
     spec = load_pipeline(path)            # everything checkable without a model, before Ray
     MLflow run opened (RUNNING), params and inputs logged
     Ray initialised (local unless `address`), ModelWorker started (loads the model once)
-    steps: validate (prompt lengths) -> edit -> evaluate, each a call on the worker
+    with an edit step and registry.build_on_champion: the champion's lineage is downloaded
+    steps: validate (prompt lengths) -> edit -> evaluate, each a call on the worker (the edit is
+        computed, and scored, with the champion's lineage attached)
     outputs written to a local run directory and logged: metrics, tags, edit_artifact/,
     results/ (before/after table as CSV + JSON + MLflow table, metrics.json, metrics.png)
+    with an edit step: a new registry version (candidate; champion when the gates pass)
 
 A failing step marks the MLflow run FAILED with its error and the exception propagates (an
 exception raised inside the worker is re-raised as itself, not as Ray's wrapper). A Ray session
@@ -44,6 +47,7 @@ from tasks.model_worker import requests_to_dicts, start_model_worker
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from editing_core.artifacts import EditArtifact
     from editing_core.evaluate import EvalReport
+    from infra.registry import Registration
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,8 @@ class PipelineResult:
     rows:         the before/after table, one row per request.
     artifact_dir: local copy of the edit artifact (None without an edit step).
     output_dir:   the local run directory (artifact, table, chart).
+    registration: the registry version made by the run (None without an edit step, or with
+                  registry.register false).
     """
 
     run_id: str
@@ -70,15 +76,22 @@ class PipelineResult:
     artifact_dir: Path | None
     artifact_id: str | None
     output_dir: Path
+    registration: "Registration | None" = None
 
 
 @dataclass
 class _Inputs:
-    """What the driver reads from disk and sends to the worker."""
+    """What the driver reads from disk and sends to the worker.
+
+    base: the champion's lineage the edit builds on (oldest first; empty: the bare base model),
+    base_version: that champion's version number.
+    """
 
     requests: list[EditRequest]
     heldout: list[tuple[str, str]] | None
     facts_sha256: str
+    base: tuple["EditArtifact", ...] = ()
+    base_version: str | None = None
 
 
 @dataclass
@@ -108,20 +121,25 @@ def run_pipeline(
     inputs = _read_inputs(spec)
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
+    registering = spec.edit is not None and spec.registry.register
     with tracked_run(uri, spec.experiment, spec.name, tags={"pipeline": spec.name, "base_model": spec.model}) as run:
         log_pipeline_run(run, _start_record(spec, inputs))
+        if registering and spec.registry.build_on_champion:
+            _add_champion_lineage(spec, inputs, uri, run)
         with ray_session(address, spec):
             outcome = _run_steps(spec, inputs)
         run_dir = _run_directory(output_dir, spec, run)
         metrics = _metrics(outcome)
         rows = outcome.report.rows if outcome.report is not None else []
         log_pipeline_run(run, _end_record(spec, outcome, metrics, rows, run_dir))
+        registration = _register(spec, inputs, outcome, metrics, run, run_dir) if registering else None
     artifact = outcome.artifact
     return PipelineResult(
         run_id=run.run_id, experiment_id=run.experiment_id, experiment_name=run.experiment_name,
         tracking_uri=uri, metrics=metrics, rows=rows,
         artifact_dir=run_dir / EDIT_ARTIFACT_PATH if artifact is not None else None,
         artifact_id=artifact.meta.artifact_id if artifact is not None else None, output_dir=run_dir,
+        registration=registration,
     )
 
 
@@ -136,6 +154,43 @@ def _read_inputs(spec: PipelineSpec) -> _Inputs:
     if spec.heldout is not None:
         heldout = [(r.prompt, r.target_new) for r in load_facts(spec.heldout)]
     return _Inputs(requests=load_facts(spec.facts), heldout=heldout, facts_sha256=file_sha256(spec.facts))
+
+
+def _add_champion_lineage(spec: PipelineSpec, inputs: _Inputs, tracking_uri: str, run: TrackedRun) -> None:
+    """Put the current champion's lineage (if there is a champion) under the edit."""
+    from infra import registry
+
+    client = registry.client_for(tracking_uri)
+    name = spec.registry.model_name(spec.model)
+    champion = registry.aliases(client, name).get(registry.CHAMPION)
+    if champion is None:
+        log.info("registered model %s has no champion yet: editing the base model", name)
+        return
+    version = registry.get_version(client, name, champion)
+    built_on = (version.tags or {}).get(registry.TAG + "base_model")
+    if built_on != spec.model:
+        raise ConfigError(
+            f"{spec.source}: registry.name: the champion of {name!r} (version {champion}) edits "
+            f"{built_on!r}, not this pipeline's model {spec.model!r}; choose another registry.name"
+        )
+    inputs.base = registry.download_lineage(tracking_uri, version).artifacts
+    inputs.base_version = champion
+    run.set_tags({"parent_version": champion})
+    log.info("building on %s champion version %s (%d edit artifacts)", name, champion, len(inputs.base))
+
+
+def _register(spec: PipelineSpec, inputs: _Inputs, outcome: _Outcome, metrics: dict[str, Any], run: TrackedRun, run_dir: Path) -> "Registration":
+    from infra.registry import register_version
+
+    assert outcome.artifact is not None
+    registration = register_version(
+        run.run_id, run.tracking_uri, spec.registry, spec.model, (*inputs.base, outcome.artifact), metrics,
+        facts_sha256=inputs.facts_sha256, pipeline_sha256=file_sha256(spec.source),
+        parent_version=inputs.base_version, workdir=run_dir,
+    )
+    run.set_tags({"registered_model": registration.name, "registered_version": registration.version,
+                  "promoted": registration.promoted})
+    return registration
 
 
 def file_sha256(path: Path) -> str:
@@ -235,13 +290,13 @@ def _validate_step(worker: Any, spec: PipelineSpec, inputs: _Inputs, requests: l
 
 def _edit_step(worker: Any, spec: PipelineSpec, inputs: _Inputs, requests: list[dict[str, Any]], outcome: _Outcome) -> None:
     assert spec.edit is not None
-    outcome.artifact = _get(worker.edit.remote(spec.edit.method, spec.edit.config, requests))
+    outcome.artifact = _get(worker.edit.remote(spec.edit.method, spec.edit.config, requests, inputs.base))
 
 
 def _evaluate_step(worker: Any, spec: PipelineSpec, inputs: _Inputs, requests: list[dict[str, Any]], outcome: _Outcome) -> None:
     assert spec.evaluate is not None
     config = config_to_dict(spec.evaluate)
-    outcome.report = _get(worker.evaluate.remote(requests, outcome.artifact, inputs.heldout, config))
+    outcome.report = _get(worker.evaluate.remote(requests, outcome.artifact, inputs.heldout, config, inputs.base))
 
 
 _STEPS: dict[str, Callable[..., None]] = {

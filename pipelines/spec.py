@@ -15,6 +15,11 @@
       experiment: editflow
     resources:
       cpus: 2                     # CPUs the model worker asks Ray for; torch uses that many threads
+    registry:                     # optional; how a run that edits is versioned (infra.registry)
+      name: smollm2-135m-edits    # registered model (default: <model>-edits)
+      build_on_champion: true     # edit on top of the current champion's lineage
+      promote: true               # move `champion` when the gates pass
+      gates: {edit_success: 0.9, locality: 0.9, drawdown: 0.05}
 
 `load_pipeline` checks everything that can be checked without a model before any Ray call:
 YAML syntax, unknown keys, step kinds and order, the method and its config, the facts and
@@ -40,6 +45,7 @@ import yaml
 from editing_core.config import ConfigError, config_to_dict, load_config, yaml_load
 from editing_core.data import EditRequest, load_facts
 from editing_core.evaluate import EvalConfig
+from infra.registry import RegistrySpec
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +103,7 @@ class PipelineFile:
     heldout: str | None = None
     tracking: TrackingSpec = TrackingSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    registry: RegistrySpec = RegistrySpec()
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ class PipelineSpec:
     tracking: TrackingSpec
     resources: ResourcesSpec
     source: Path
+    registry: RegistrySpec = RegistrySpec()
 
     @property
     def experiment(self) -> str:
@@ -153,6 +161,8 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineSpec:
     base = source.resolve().parent
     facts = _existing_file(raw.facts, base, where, "facts")
     heldout = _existing_file(raw.heldout, base, where, "heldout") if raw.heldout is not None else None
+    if raw.registry.name is not None:
+        _check_text_field(raw.registry.name, where, "registry.name")
     if heldout is not None and evaluate is None:
         raise ConfigError(f"{where}: heldout: only the evaluate step uses it, and the pipeline has none")
     _check_facts(facts)
@@ -161,6 +171,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineSpec:
     return PipelineSpec(
         name=raw.name, model=raw.model, facts=facts, heldout=heldout, steps=kinds, edit=edit,
         evaluate=evaluate, tracking=raw.tracking, resources=raw.resources, source=source.resolve(),
+        registry=raw.registry,
     )
 
 

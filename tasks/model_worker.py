@@ -99,13 +99,18 @@ class ModelWorker:
             return
         check_prompt_lengths(requests_from_dicts(requests), self._loaded.tokenizer, context)
 
-    def edit(self, method: str, config: dict[str, Any], requests: list[dict[str, Any]]) -> "EditArtifact":
-        """Compute the edit of `requests` with `method` configured by `config` (strictly checked)."""
+    def edit(
+        self, method: str, config: dict[str, Any], requests: list[dict[str, Any]], base: "Sequence[EditArtifact]" = ()
+    ) -> "EditArtifact":
+        """Compute the edit of `requests` with `method` configured by `config` (strictly checked),
+        on top of the `base` artifacts (attached in order, e.g. the champion's lineage)."""
+        from editing_core.artifacts import attached_chain
         from editing_core.editors import make_editor
 
         editor = make_editor(method, config)
         started = time.perf_counter()
-        artifact = editor.edit(self._loaded, requests_from_dicts(requests))
+        with attached_chain(self._loaded.model, base):
+            artifact = editor.edit(self._loaded, requests_from_dicts(requests), parent=base[-1] if base else None)
         log.info("%s edit of %d requests took %.1f s", method, len(requests), time.perf_counter() - started)
         return artifact
 
@@ -115,14 +120,18 @@ class ModelWorker:
         artifact: "EditArtifact | None",
         heldout: list[tuple[str, str]] | None,
         eval_config: dict[str, Any],
+        base: "Sequence[EditArtifact]" = (),
     ) -> "EvalReport":
-        """Score the requests on the model, before and (with `artifact`) after the edit."""
+        """Score the requests on the model with the `base` artifacts attached, before and (with
+        `artifact`) after the edit."""
+        from editing_core.artifacts import attached_chain
         from editing_core.config import load_config
         from editing_core.evaluate import EvalConfig, evaluate
 
         config = load_config(EvalConfig, eval_config)
         pairs = [tuple(pair) for pair in heldout] if heldout is not None else None
-        return evaluate(self._loaded, requests_from_dicts(requests), artifact, pairs, config)
+        with attached_chain(self._loaded.model, base):
+            return evaluate(self._loaded, requests_from_dicts(requests), artifact, pairs, config)
 
 
 def start_model_worker(model_name: str, cpus: float) -> Any:
