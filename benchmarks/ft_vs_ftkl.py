@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, median
 
 from tqdm.auto import tqdm
 
@@ -86,16 +86,17 @@ def run_method(loaded, method: str, requests, heldout, n_kl_texts: int, n_swaps:
             if metrics.get(key) is not None:
                 per_edit[key].append(metrics[key])
     summary = {key: fmean(values) if values else None for key, values in per_edit.items()}
+    summary["seconds_per_edit_median"] = median(per_edit["seconds_per_edit"])
     summary["n_edits"] = len(requests)
     summary["config"] = {k: v for k, v in editor.config.__dict__.items() if k not in ("kl_prompts", "swap_subjects")}
     return summary
 
 
 def markdown(results: dict[str, dict]) -> str:
-    header = ["method", *COLUMNS, "seconds_per_edit"]
+    header = ["method", *COLUMNS, "seconds_per_edit", "seconds_per_edit_median"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, summary in results.items():
-        cells = [method] + [f"{summary[k]:.3f}" if summary[k] is not None else "n/a" for k in header[1:]]
+        cells = [method] + [f"{summary[k]:.3f}" if summary.get(k) is not None else "n/a" for k in header[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

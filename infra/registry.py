@@ -13,6 +13,10 @@ Version tags (prefix `editflow.`): base model id and weights hash, method, numbe
 the lineage and in this batch, facts digest, parent version, pipeline file digest, gate outcome,
 the previous champion (set when a version is promoted), and the metrics.
 
+Moving `champion` (promote, rollback, a run's own promotion) happens under `champion_lock`: a
+registered model `<name>.champion-lock` that exists only while the alias moves (its creation is
+atomic in the registry's database), so two refreshes finishing at once cannot both promote.
+
 Aliases are read with `get_registered_model(...).aliases` / `get_model_version_by_alias`, never
 from `search_model_versions()` (it returns empty aliases). mlflow is imported lazily.
 """
@@ -23,7 +27,9 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -104,6 +110,8 @@ class RegistrySpec:
     register:          register a version at all (false: only the MLflow run is logged).
     build_on_champion: compute the edit on top of the current champion's lineage, so the new
                        version carries every accepted edit (false: on the bare base model).
+    skip_known:        with build_on_champion, leave out facts the champion already carries
+                       (same content digest); a run with nothing new edits nothing.
     promote:           move `champion` to the new version when its gates pass.
     gates:             the thresholds (see `Gates`).
     """
@@ -111,6 +119,7 @@ class RegistrySpec:
     name: str | None = None
     register: bool = True
     build_on_champion: bool = True
+    skip_known: bool = True
     promote: bool = True
     gates: Gates = Gates()
 
@@ -304,24 +313,29 @@ def register_version(
         "gates": "passed" if not failures else "failed: " + "; ".join(failures),
         **{f"metric.{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
     }
-    model_uri, model_id = log_edited_model(run_id, tracking_uri, base_model, lineage, Path(workdir))
-    if not _exists(client, name):
-        client.create_registered_model(name, description=f"Edits of {base_model} made by editflow")
-    with _tracking_uri(tracking_uri):  # the registry resolves the models:/ source through the global URI
-        created = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id,
-                                              tags={TAG + k: str(v) for k, v in tags.items()})
+    try:
+        model_uri, model_id = log_edited_model(run_id, tracking_uri, base_model, lineage, Path(workdir))
+        if not _exists(client, name):
+            client.create_registered_model(name, description=f"Edits of {base_model} made by editflow")
+        with _tracking_uri(tracking_uri):  # the registry resolves the models:/ source through the global URI
+            created = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id,
+                                                  tags={TAG + k: str(v) for k, v in tags.items()})
+    except Exception as exc:
+        raise RuntimeError(f"registering a new version of {name!r} at {tracking_uri} failed; no alias moved: "
+                           f"{type(exc).__name__}: {exc}") from exc
     version = str(created.version)
     try:
         client.set_registered_model_alias(name, CANDIDATE, version)
-        promoted, previous = False, aliases(client, name).get(CHAMPION)
-        if spec.promote and not failures:
-            if previous != parent_version:
-                log.warning("champion of %s moved from %s to %s during this run: version %s stays candidate "
-                            "(run the refresh again to build on the new champion)", name, parent_version, previous, version)
-            else:
-                promote(client, name, version)
-                promoted = True
-    except (MlflowException, OSError) as exc:
+        with champion_lock(client, name):  # compare-and-set: read the champion, move it only if unchanged
+            promoted, previous = False, aliases(client, name).get(CHAMPION)
+            if spec.promote and not failures:
+                if previous != parent_version:
+                    log.warning("champion of %s moved from %s to %s during this run: version %s stays candidate "
+                                "(run the refresh again to build on the new champion)", name, parent_version, previous, version)
+                else:
+                    _promote(client, name, version)
+                    promoted = True
+    except (MlflowException, OSError, RegistryError) as exc:
         _delete_quietly(client, name, version)
         raise RuntimeError(f"registering version {version} of {name!r} failed; the version was removed and "
                            f"no alias moved: {exc}") from exc
@@ -335,6 +349,8 @@ def log_edited_model(run_id: str, tracking_uri: str, base_model: str, lineage: S
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+    from infra.tracking import quiet_mlflow
+
     staging = workdir / "registry_lineage"
     artifacts: dict[str, str] = {}
     for index, artifact in enumerate(lineage):
@@ -347,8 +363,8 @@ def log_edited_model(run_id: str, tracking_uri: str, base_model: str, lineage: S
         outputs=Schema([ColSpec("string", "text")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 32)]),
     )
-    with _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), \
-            warnings.catch_warnings():
+    with _tracking_uri(tracking_uri), quiet_mlflow(), \
+            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), warnings.catch_warnings():
         # the signature is explicit; an input example would load the base model just to log it
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
@@ -402,9 +418,71 @@ def _delete_quietly(client: "MlflowClient", name: str, version: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+LOCK_SUFFIX = ".champion-lock"
+
+
+@contextmanager
+def champion_lock(client: "MlflowClient", name: str, timeout_s: float = 60.0, stale_s: float = 300.0) -> Iterator[None]:
+    """Mutual exclusion around moving `champion` of `name`, across processes and machines.
+
+    Creating a registered model is atomic in the registry's database (a second create of the
+    same name fails with RESOURCE_ALREADY_EXISTS), so the lock is the registered model
+    `<name>.champion-lock`, deleted on release. A lock older than `stale_s` (its holder died) is
+    broken; waiting longer than `timeout_s` raises RegistryError.
+    """
+    from mlflow.exceptions import MlflowException
+
+    lock = name + LOCK_SUFFIX
+    deadline = time.monotonic() + timeout_s
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    while True:
+        try:
+            client.create_registered_model(lock, tags={TAG + "lock_holder": holder, TAG + "lock_since": str(time.time())},
+                                           description="editflow: exists only while the champion alias of its model moves")
+            break
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+        age = _lock_age(client, lock)
+        if age is not None and age > stale_s:
+            log.warning("breaking the stale champion lock of %s (held %.0f s)", name, age)
+            _delete_registered_quietly(client, lock)
+        elif time.monotonic() > deadline:
+            raise RegistryError(f"the champion of {name!r} is being moved by another process (lock {lock!r} "
+                                f"held for {age or 0:.0f} s); try again")
+        else:
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        _delete_registered_quietly(client, lock)
+
+
+def _lock_age(client: "MlflowClient", lock: str) -> float | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        since = client.get_registered_model(lock).tags.get(TAG + "lock_since")
+    except MlflowException:
+        return None  # released meanwhile
+    return time.time() - float(since) if since else None
+
+
+def _delete_registered_quietly(client: "MlflowClient", name: str) -> None:
+    try:
+        client.delete_registered_model(name)
+    except Exception as exc:  # noqa: BLE001 - a lock left behind goes stale and is broken later
+        log.warning("could not delete %s: %s", name, exc)
+
+
 def promote(client: "MlflowClient", name: str, version: str | int) -> str | None:
     """Make `version` the champion; returns the previous champion (recorded on the version as
     `editflow.previous_champion`, which `rollback` follows)."""
+    with champion_lock(client, name):
+        return _promote(client, name, version)
+
+
+def _promote(client: "MlflowClient", name: str, version: str | int) -> str | None:
     target = get_version(client, name, version)
     previous = aliases(client, name).get(CHAMPION)
     if previous == str(target.version):
@@ -418,6 +496,11 @@ def promote(client: "MlflowClient", name: str, version: str | int) -> str | None
 
 def rollback(client: "MlflowClient", name: str) -> tuple[str, str]:
     """Move champion back to the champion before it; returns (from, to)."""
+    with champion_lock(client, name):
+        return _rollback(client, name)
+
+
+def _rollback(client: "MlflowClient", name: str) -> tuple[str, str]:
     current = aliases(client, name).get(CHAMPION)
     if current is None:
         raise RegistryError(f"registered model {name!r} has no champion to roll back")

@@ -218,6 +218,22 @@ def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """Keep MLflow from writing "View run ... at" links to stdout (our own output says where
+    the run is); the environment variable is put back as it was."""
+    key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    saved = os.environ.get(key)
+    os.environ[key] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
+
+@contextmanager
 def tracked_run(
     tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, Any] | None = None
 ) -> Iterator[TrackedRun]:
@@ -231,9 +247,11 @@ def tracked_run(
     try:
         yield tracked
     except BaseException as exc:
-        _record_failure(tracked, exc)
+        with quiet_mlflow():
+            _record_failure(tracked, exc)
         raise
-    client.set_terminated(tracked.run_id, "FINISHED")
+    with quiet_mlflow():
+        client.set_terminated(tracked.run_id, "FINISHED")
 
 
 def _record_failure(run: TrackedRun, exc: BaseException) -> None:

@@ -6,6 +6,11 @@
     editflow run PIPELINE.yaml [--address ADDR] [--tracking-uri URI]
     editflow demo [--tracking-uri URI]
     editflow edits list|show|diff|promote|rollback NAME [VERSION ...] [--tracking-uri URI] [--json]
+    editflow serve --name NAME [--alias champion] [--host 127.0.0.1] [--port 8000] [--address ADDR]
+    editflow submit PIPELINE.yaml [--address http://HEAD:8265] [--tracking-uri URI] [--wait]
+    editflow jobs list|status|logs|stop [JOB_ID] [--address http://HEAD:8265] [--json]
+    editflow schedule add --name N --cron "0 3 * * *" --pipeline P.yaml [--address ADDR] | list | remove N
+    editflow scheduler run [--once] [--poll-s 30]
 
 Errors a user can cause (bad facts, config, artifact, model, missing input files) print a
 message on stderr and exit with status 2, without a traceback (`-v` shows it). Everything heavy
@@ -55,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_verbosity(parser, on_subcommand=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_validate, _add_edit, _add_eval, _add_run, _add_demo, _add_edits):
+    for add in (_add_validate, _add_edit, _add_eval, _add_run, _add_demo, _add_edits, _add_serve, _add_submit, _add_jobs,
+                _add_schedule, _add_scheduler):
         add(commands)
     return parser
 
@@ -175,6 +181,102 @@ def _add_edits(commands: Any) -> None:
     _add_tracking(sub)
     sub.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     sub.set_defaults(handler=_cmd_edits)
+
+
+def _add_serve(commands: Any) -> None:
+    sub = _subparser(
+        commands, "serve", "serve registered edit versions over HTTP (Ray Serve)",
+        "Start a Ray Serve app for registered model NAME: POST /generate {prompt, max_new_tokens,\n"
+        "version} answers with the text and the version that produced it; GET /healthz; OpenAPI\n"
+        "docs at /docs. Requests without a version get ALIAS (re-read every --refresh-s seconds,\n"
+        "so promote / rollback take effect without a restart). Runs until Ctrl-C.\n\n"
+        "example:\n  editflow serve --name smollm2-135m-demo --port 8000\n"
+        "  curl -s localhost:8000/generate -H 'content-type: application/json' -d '{\"prompt\": \"The capital of France is\"}'",
+    )
+    sub.add_argument("--name", required=True, help="registered model name")
+    sub.add_argument("--alias", default="champion", help="alias served by default (default: champion)")
+    sub.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1, loopback only)")
+    sub.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    sub.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    sub.add_argument("--refresh-s", type=float, default=10.0, help="seconds between alias look-ups (default: 10)")
+    sub.add_argument("--replicas", type=int, default=1, help="number of replicas (default: 1)")
+    sub.add_argument("--cpus-per-replica", type=float, default=0.5, help="CPUs each replica reserves (default: 0.5)")
+    _add_tracking(sub)
+    sub.set_defaults(handler=_cmd_serve)
+
+
+def _add_jobs_address(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--address", metavar="URL",
+                     help="the cluster's Jobs API (dashboard) address (default: $RAY_ADDRESS if http(s), else http://127.0.0.1:8265)")
+
+
+def _add_submit(commands: Any) -> None:
+    sub = _subparser(
+        commands, "submit", "submit a pipeline to a Ray cluster as a Ray job",
+        "Validate the pipeline here (a bad YAML or facts file is refused before anything is sent),\n"
+        "then submit `editflow run` as a Ray job: the YAML and its facts files travel as the job's\n"
+        "working_dir, the tracking URI in its environment. The cluster must have editflow\n"
+        "installed (ray_cluster.yaml does that). Token auth: see README.\n\n"
+        "example:\n  editflow submit refresh.yaml --address http://127.0.0.1:8265 --tracking-uri http://mlflow:5000",
+    )
+    sub.add_argument("pipeline", type=Path, metavar="PIPELINE.yaml", help="the pipeline spec")
+    _add_jobs_address(sub)
+    _add_tracking(sub)
+    sub.add_argument("--wait", action="store_true", help="wait for the job to end, print its logs, exit 0 only if it succeeded")
+    sub.set_defaults(handler=_cmd_submit)
+
+
+JOBS_ACTIONS = ("list", "status", "logs", "stop")
+
+
+def _add_jobs(commands: Any) -> None:
+    sub = _subparser(
+        commands, "jobs", "list, inspect and stop Ray jobs on a cluster",
+        "list: every job (id, status, pipeline); status JOB_ID; logs JOB_ID; stop JOB_ID.",
+    )
+    sub.add_argument("action", choices=JOBS_ACTIONS, help="what to do")
+    sub.add_argument("job_id", nargs="?", metavar="JOB_ID", help="the job (status, logs, stop)")
+    _add_jobs_address(sub)
+    sub.add_argument("--json", action="store_true", help="print JSON (list, status)")
+    sub.set_defaults(handler=_cmd_jobs)
+
+
+def _add_state(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--state", type=Path, metavar="FILE",
+                     help="the schedules file (default: $EDITFLOW_SCHEDULES, else ~/.editflow/schedules.db)")
+
+
+def _add_schedule(commands: Any) -> None:
+    sub = _subparser(
+        commands, "schedule", "add, list or remove scheduled pipeline runs (cron, UTC)",
+        "Schedules are stored in a SQLite file and run by `editflow scheduler run`.\n\n"
+        "examples:\n  editflow schedule add --name nightly --cron '0 3 * * *' --pipeline refresh.yaml\n"
+        "  editflow schedule list\n  editflow schedule remove nightly",
+    )
+    sub.add_argument("action", choices=("add", "list", "remove"), help="what to do")
+    sub.add_argument("schedule", nargs="?", metavar="NAME", help="remove: the schedule's name")
+    sub.add_argument("--name", help="add: the schedule's name")
+    sub.add_argument("--cron", help="add: cron expression, five fields, UTC (e.g. '0 3 * * *': daily at 03:00)")
+    sub.add_argument("--pipeline", type=Path, metavar="P.yaml", help="add: the pipeline to run (validated now)")
+    sub.add_argument("--address", metavar="URL", help="add: submit to this cluster's Jobs API (default: run where the scheduler runs)")
+    _add_tracking(sub)
+    _add_state(sub)
+    sub.add_argument("--json", action="store_true", help="list: print JSON")
+    sub.set_defaults(handler=_cmd_schedule)
+
+
+def _add_scheduler(commands: Any) -> None:
+    sub = _subparser(
+        commands, "scheduler", "run the scheduler (runs due schedules; long-running)",
+        "Runs every due schedule once (a slot missed while the scheduler was down runs once at\n"
+        "start), then sleeps --poll-s seconds and repeats; --once runs what is due and exits\n"
+        "(for cron or a systemd timer). A schedule never runs twice at once.",
+    )
+    sub.add_argument("action", choices=("run",), help="run the scheduler")
+    sub.add_argument("--once", action="store_true", help="run what is due now and exit")
+    sub.add_argument("--poll-s", type=float, default=30.0, help="seconds between checks (default: 30)")
+    _add_state(sub)
+    sub.set_defaults(handler=_cmd_scheduler)
 
 
 def _add_model(sub: argparse.ArgumentParser) -> None:
@@ -474,6 +576,122 @@ def _cmd_edits(args: argparse.Namespace) -> int:
 
         print(format_edits(args.action, args.name, result))
     return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from infra import registry
+    from infra.serve import ServeOptions, start
+    from infra.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    registry.get_version(registry.client_for(uri), args.name, args.alias)  # fail before Ray starts
+    options = ServeOptions(name=args.name, tracking_uri=uri, alias=args.alias, refresh_s=args.refresh_s,
+                           replicas=args.replicas, cpus_per_replica=args.cpus_per_replica)
+    ray.init(address=args.address or None, logging_level=logging.WARNING,
+             **({} if args.address else {"include_dashboard": False}))
+    try:
+        url = start(options, args.host, args.port)
+        print(f"serving {args.name}@{args.alias} at {url}  (POST /generate, GET /healthz, docs at {url}/docs); Ctrl-C stops",
+              flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from infra import jobs
+    from infra.tracking import resolve_tracking_uri
+
+    job_id = jobs.submit_pipeline(args.pipeline, args.address, resolve_tracking_uri(args.tracking_uri))
+    print(f"submitted {job_id}")
+    print(f"  status: editflow jobs status {job_id}" + (f" --address {args.address}" if args.address else ""))
+    if not args.wait:
+        return EXIT_OK
+    status = _wait_for_job(args.address, job_id)
+    print(jobs.job_logs(args.address, job_id), end="")
+    print(f"{job_id}: {status}")
+    return EXIT_OK if status == "SUCCEEDED" else 1
+
+
+def _wait_for_job(address: str | None, job_id: str, poll_s: float = 2.0) -> str:
+    from infra import jobs
+
+    while True:
+        status = jobs.job_status(address, job_id)["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(poll_s)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from infra import jobs
+
+    if args.action != "list" and not args.job_id:
+        raise UsageError(f"jobs {args.action}: JOB_ID is required")
+    if args.action == "list":
+        rows = jobs.list_jobs(args.address)
+        if args.json:
+            print(json.dumps(rows, default=str))
+        else:
+            from pipelines.report import format_rows
+
+            table = [{**r, "pipeline": r["metadata"].get("editflow_pipeline", "-")} for r in rows]
+            print(format_rows(table, columns=("job_id", "status", "pipeline", "entrypoint", "message")))
+    elif args.action == "status":
+        row = jobs.job_status(args.address, args.job_id)
+        print(json.dumps(row, default=str) if args.json else f"{row['job_id']}: {row['status']} {row['message'] or ''}".rstrip())
+    elif args.action == "logs":
+        print(jobs.job_logs(args.address, args.job_id), end="")
+    else:
+        stopped = jobs.stop_job(args.address, args.job_id)
+        print(f"{args.job_id}: {'stop requested' if stopped else 'already ended'}")
+    return EXIT_OK
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from infra.scheduler import ScheduleStore
+
+    store = ScheduleStore(args.state)
+    if args.action == "add":
+        missing = [flag for flag, value in (("--name", args.name), ("--cron", args.cron), ("--pipeline", args.pipeline)) if not value]
+        if missing:
+            raise UsageError(f"schedule add: {', '.join(missing)} required")
+        schedule = store.add(args.name, args.cron, args.pipeline, args.address, args.tracking_uri)
+        print(f"added schedule {schedule.name} ({schedule.cron}, UTC): next run {schedule.as_row()['next']}; state {store.path}")
+    elif args.action == "remove":
+        if not args.schedule:
+            raise UsageError("schedule remove: NAME is required")
+        store.remove(args.schedule)
+        print(f"removed schedule {args.schedule}")
+    else:
+        rows = [s.as_row() for s in store.all()]
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            from pipelines.report import format_rows
+
+            print(format_rows(rows, columns=("name", "cron", "next", "last_run", "last_status", "address", "pipeline")))
+    return EXIT_OK
+
+
+def _cmd_scheduler(args: argparse.Namespace) -> int:
+    from infra.scheduler import ScheduleStore, loop, run_due
+
+    store = ScheduleStore(args.state)
+    rounds = iter([run_due(store)]) if args.once else loop(store, args.poll_s)
+    failed = False
+    for results in rounds:
+        for name, status, detail in results:
+            print(f"{name}: {status} ({detail})", flush=True)
+            failed |= status == "failed"
+    return 1 if failed else EXIT_OK
 
 
 @contextmanager

@@ -126,6 +126,8 @@ def run_pipeline(
         log_pipeline_run(run, _start_record(spec, inputs))
         if registering and spec.registry.build_on_champion:
             _add_champion_lineage(spec, inputs, uri, run)
+        if not inputs.requests:
+            return _nothing_new(spec, inputs, run, output_dir)
         with ray_session(address, spec):
             outcome = _run_steps(spec, inputs)
         run_dir = _run_directory(output_dir, spec, run)
@@ -153,7 +155,7 @@ def _read_inputs(spec: PipelineSpec) -> _Inputs:
     heldout = None
     if spec.heldout is not None:
         heldout = [(r.prompt, r.target_new) for r in load_facts(spec.heldout)]
-    return _Inputs(requests=load_facts(spec.facts), heldout=heldout, facts_sha256=file_sha256(spec.facts))
+    return _Inputs(requests=load_facts(spec.facts), heldout=heldout, facts_sha256=path_sha256(spec.facts))
 
 
 def _add_champion_lineage(spec: PipelineSpec, inputs: _Inputs, tracking_uri: str, run: TrackedRun) -> None:
@@ -177,6 +179,26 @@ def _add_champion_lineage(spec: PipelineSpec, inputs: _Inputs, tracking_uri: str
     inputs.base_version = champion
     run.set_tags({"parent_version": champion})
     log.info("building on %s champion version %s (%d edit artifacts)", name, champion, len(inputs.base))
+    if spec.registry.skip_known:
+        known = {fact["digest"] for fact in registry.Lineage(inputs.base).facts()}
+        new = [r for r in inputs.requests if r.digest() not in known]
+        if len(new) < len(inputs.requests):
+            log.info("%d of %d facts are already in the champion; editing the other %d",
+                     len(inputs.requests) - len(new), len(inputs.requests), len(new))
+        inputs.requests = new
+    run.log_metrics({"n_new_facts": len(inputs.requests)})
+
+
+def _nothing_new(spec: PipelineSpec, inputs: _Inputs, run: TrackedRun, output_dir: str | os.PathLike[str] | None) -> PipelineResult:
+    """Every fact is already in the champion: no edit, no version; the run says so."""
+    log.info("every fact of %s is already in the champion (version %s): nothing to edit", spec.facts, inputs.base_version)
+    run.set_tags({"outcome": "nothing new: every fact is already in the champion"})
+    run_dir = _run_directory(output_dir, spec, run)
+    return PipelineResult(
+        run_id=run.run_id, experiment_id=run.experiment_id, experiment_name=run.experiment_name,
+        tracking_uri=run.tracking_uri, metrics={"n_new_facts": 0}, rows=[], artifact_dir=None, artifact_id=None,
+        output_dir=run_dir, registration=None,
+    )
 
 
 def _register(spec: PipelineSpec, inputs: _Inputs, outcome: _Outcome, metrics: dict[str, Any], run: TrackedRun, run_dir: Path) -> "Registration":
@@ -191,6 +213,14 @@ def _register(spec: PipelineSpec, inputs: _Inputs, outcome: _Outcome, metrics: d
     run.set_tags({"registered_model": registration.name, "registered_version": registration.version,
                   "promoted": registration.promoted})
     return registration
+
+
+def path_sha256(path: Path) -> str:
+    """sha256 of a file; of a directory, over its files' names and sha256s (name order)."""
+    if not path.is_dir():
+        return file_sha256(path)
+    listing = "".join(f"{p.name}\t{file_sha256(p)}\n" for p in sorted(path.iterdir()) if p.is_file())
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -341,11 +371,16 @@ def _start_record(spec: PipelineSpec, inputs: _Inputs) -> RunRecord:
         params.update(flatten_params(spec.edit.config, "config."))
     if spec.evaluate is not None:
         params.update(flatten_params(config_to_dict(spec.evaluate), "eval."))
-    files = [(spec.facts, "inputs"), (spec.source, "inputs")]
+    files = [(spec.source, "inputs")]
+    dirs = []
+    if spec.facts.is_dir():
+        dirs.append((spec.facts, f"inputs/{spec.facts.name}"))
+    else:
+        files.append((spec.facts, "inputs"))
     if spec.heldout is not None:
         params["heldout_sha256"] = file_sha256(spec.heldout)
         files.append((spec.heldout, "inputs/heldout"))
-    return RunRecord(params=params, files=files)
+    return RunRecord(params=params, files=files, dirs=dirs)
 
 
 def _run_directory(output_dir: str | os.PathLike[str] | None, spec: PipelineSpec, run: TrackedRun) -> Path:

@@ -2,7 +2,8 @@
 
     name: demo                    # run name; also the MLflow experiment unless tracking.experiment is set
     model: smollm2-135m           # alias, local directory, .gguf file or hub id
-    facts: demo_facts.jsonl       # relative paths are relative to the YAML file's directory
+    facts: demo_facts.jsonl       # a facts file, or a directory of them; relative paths are
+                                  # relative to the YAML file's directory
     heldout: null                 # optional facts file of (prompt, target_new) pairs the model
                                   # should keep getting right (drawdown); target_new is the true answer
     steps:
@@ -159,10 +160,12 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineSpec:
     _check_text_field(raw.model, where, "model")
     kinds, edit, evaluate = _parse_steps(raw.steps, where)
     base = source.resolve().parent
-    facts = _existing_file(raw.facts, base, where, "facts")
+    facts = _existing_file(raw.facts, base, where, "facts", directory_ok=True)
     heldout = _existing_file(raw.heldout, base, where, "heldout") if raw.heldout is not None else None
     if raw.registry.name is not None:
         _check_text_field(raw.registry.name, where, "registry.name")
+        if any(c in raw.registry.name for c in "/:"):
+            raise ConfigError(f"{where}: registry.name: {raw.registry.name!r}: MLflow model names cannot contain '/' or ':'")
     if heldout is not None and evaluate is None:
         raise ConfigError(f"{where}: heldout: only the evaluate step uses it, and the pipeline has none")
     _check_facts(facts)
@@ -295,11 +298,14 @@ def _parse_edit(body: Any, where: str, path: str) -> EditStep:
     return dataclasses.replace(step, config=config_to_dict(config))
 
 
-def _existing_file(value: str, base: Path, where: str, path: str) -> Path:
-    """`value` resolved against the YAML's directory; it must be an existing file."""
+def _existing_file(value: str, base: Path, where: str, path: str, directory_ok: bool = False) -> Path:
+    """`value` resolved against the YAML's directory; it must be an existing file (or, with
+    `directory_ok`, directory)."""
     if not value.strip():
         raise ConfigError(f"{where}: {path}: must not be empty")
     resolved = (base / Path(value).expanduser()).resolve()
+    if directory_ok and resolved.is_dir():
+        return resolved
     if not resolved.is_file():
         reason = "is a directory, not a file" if resolved.is_dir() else "file not found"
         raise ConfigError(

@@ -509,9 +509,37 @@ def load_facts(path: str | os.PathLike[str]) -> list[EditRequest]:
     """Load and validate a facts file (JSONL, JSON array, CSV or parquet; generic, CounterFact
     or zsRE rows); each request's `source` says where it came from ("facts.jsonl line 3").
 
-    Raises FactsValidationError listing every problem of the file at once.
+    A directory stands for every facts file in it (by extension, in name order, not recursive):
+    a fact repeated in a later file is kept once, and a prompt given different targets in two
+    files is an error naming both places.
+
+    Raises FactsValidationError listing every problem at once.
     """
-    return load_facts_with_format(path)[1]
+    if not Path(path).is_dir():
+        return load_facts_with_format(path)[1]
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS)
+    if not files:
+        message = f"no facts files ({', '.join(SUPPORTED_EXTENSIONS)}) in this directory"
+        raise FactsValidationError([FactProblem(os.fspath(path), None, None, message)])
+    requests: list[EditRequest] = []
+    problems: list[FactProblem] = []
+    first_seen: dict[str, EditRequest] = {}
+    for file in files:
+        try:
+            loaded = load_facts_with_format(file)[1]
+        except FactsValidationError as exc:
+            problems += exc.problems
+            continue
+        for request in loaded:
+            first = first_seen.setdefault(request.prompt, request)
+            if first is request:
+                requests.append(request)
+            elif first.target_new != request.target_new:
+                problems.append(FactProblem(request.source or os.fspath(file), None, "target_new", (
+                    f"prompt already given at {first.source} with target_new {first.target_new!r}, here {request.target_new!r}")))
+    if problems:
+        raise FactsValidationError(problems)
+    return requests
 
 
 def requests_from_dataset(dataset: "datasets.Dataset", origin: str) -> list[EditRequest]:

@@ -3,7 +3,9 @@
 mlflow_server (session): `mlflow server` on a free 127.0.0.1 port with a SQLite backend and
     proxied artifacts in a temporary directory; ready when /health answers (about 20 s);
     its process group is terminated at teardown.
+mlflow_servers: a factory for servers a test starts and stops itself.
 local_ray (module): `ray.init(num_cpus=2, include_dashboard=False)`, shut down at teardown.
+free_port: a free TCP port on 127.0.0.1.
 smollm2_available: skips a test when the default model's package is not installed.
 """
 
@@ -18,7 +20,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -51,11 +53,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=15)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The tracking URI (http://127.0.0.1:PORT) of a fresh `mlflow server`."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen[bytes]:
+    """`mlflow server` on 127.0.0.1:port with its SQLite store and artifacts under `root`
+    (reusing them if they exist), once /health answers; the test must `stop_mlflow_server` it."""
     url = f"http://127.0.0.1:{port}"
     command = [
         sys.executable, "-m", "mlflow", "server",
@@ -64,16 +64,44 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
     log_path = root / "server.log"
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         process = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while not _healthy(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_mlflow_server(process)
+            tail = log_path.read_text(errors="replace")[-3000:]
+            pytest.fail(f"mlflow server did not become healthy at {url}:\n{tail}")
+        time.sleep(0.5)
+    return process
+
+
+stop_mlflow_server = _stop
+
+
+@pytest.fixture
+def mlflow_servers() -> Iterator[Callable[[Path, int], subprocess.Popen[bytes]]]:
+    """Start servers of one's own with `mlflow_servers(root, port)` (e.g. to stop one mid-run
+    with `mlflow_servers.stop(process)`); any still running are stopped at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(root: Path, port: int) -> subprocess.Popen[bytes]:
+        started.append(start_mlflow_server(root, port))
+        return started[-1]
+
+    start.stop = _stop  # type: ignore[attr-defined]
+    yield start
+    for process in started:
+        _stop(process)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tracking URI (http://127.0.0.1:PORT) of a fresh `mlflow server`."""
+    port = _free_port()
+    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not _healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                pytest.fail(f"mlflow server did not become healthy at {url}:\n{tail}")
-            time.sleep(0.5)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         _stop(process)
 
@@ -88,6 +116,12 @@ def local_ray() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server the test starts)."""
+    return _free_port()
 
 
 @pytest.fixture(scope="session")

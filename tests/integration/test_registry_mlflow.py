@@ -26,6 +26,7 @@ NAME = "tiny-it-edits"
 FT = {"layers": [0, 1], "steps": 30, "lr": 0.05}
 FRANCE = {"prompt": "The capital of France is", "target_new": "Rome", "locality_prompt": "Alice plays", "locality_answer": "chess"}
 BOB = {"prompt": "Bob works for", "target_new": "Sega", "locality_prompt": "Carol plays the", "locality_answer": "piano"}
+DAVE = {"prompt": "Dave plays", "target_new": "guitar"}
 PROMPTS = pd.DataFrame({"prompt": [FRANCE["prompt"], BOB["prompt"]]})
 
 
@@ -81,7 +82,7 @@ def test_versions_lineage_gates_promote_and_rollback(
 
     # a gate that cannot pass (no rephrases: paraphrase is not measured) leaves the champion alone
     strict = {**loose, "paraphrase": 0.5}
-    third = run_pipeline(write_pipeline(chdir_tmp, tiny_dir, "gated", [FRANCE], strict), tracking_uri=uri, output_dir=runs)
+    third = run_pipeline(write_pipeline(chdir_tmp, tiny_dir, "gated", [DAVE], strict), tracking_uri=uri, output_dir=runs)
     assert third.registration is not None and not third.registration.promoted
     assert third.registration.gate_failures == ("paraphrase was not measured (gate 0.5)",)
 

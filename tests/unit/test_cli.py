@@ -252,3 +252,20 @@ def test_prompts_longer_than_the_context_are_refused(models: dict[str, str], tmp
     assert code == 2 and out == ""
     assert f"{facts} line 2, field 'prompt': prompt + target_new is" in err
     assert "longer than max_length 128" in err
+
+
+def test_submit_refuses_a_bad_pipeline_before_contacting_the_cluster(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: m\nfacts: missing.jsonl\nsteps: [{validate: {}}]\n", encoding="utf-8")
+    # port 9 (discard) on loopback: any contact would fail with a connection error instead
+    assert main(["submit", str(bad), "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml: facts" in err and "Jobs API" not in err
+
+
+def test_submit_refuses_a_local_sqlite_store_for_a_remote_cluster(tmp_path, capsys):
+    from infra.jobs import check_tracking_uri_reachable_from
+
+    check_tracking_uri_reachable_from("sqlite:////tmp/mlruns.db", "http://127.0.0.1:8265")  # same machine: fine
+    with pytest.raises(ValueError, match="cannot write: start an MLflow server"):
+        check_tracking_uri_reachable_from("sqlite:////tmp/mlruns.db", "http://10.0.0.10:8265")

@@ -552,3 +552,25 @@ def test_full_real_counterfact_val_fails_only_on_conflicting_targets():
         load_facts(source)
     assert info.value.problems
     assert all("prompt already given at record" in p.message for p in info.value.problems)
+
+
+def test_a_directory_is_every_facts_file_in_it(tmp_path):
+    import json as _json
+
+    from editing_core.data import FactsValidationError, load_facts
+
+    rome = {"prompt": "The capital of France is", "target_new": "Rome"}
+    (tmp_path / "a.jsonl").write_text(_json.dumps(rome) + "\n", encoding="utf-8")
+    (tmp_path / "b.csv").write_text("prompt,target_new\nBob works for,Sega\nThe capital of France is,Rome\n", encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("not facts", encoding="utf-8")
+    assert [(r.prompt, r.target_new) for r in load_facts(tmp_path)] == [
+        ("The capital of France is", "Rome"), ("Bob works for", "Sega")]  # the repeated fact is kept once
+    (tmp_path / "c.jsonl").write_text(_json.dumps({**rome, "target_new": "Oslo"}) + "\n", encoding="utf-8")
+    with pytest.raises(FactsValidationError) as info:
+        load_facts(tmp_path)
+    assert str(info.value) == (f"{tmp_path / 'c.jsonl'} line 1, field 'target_new': prompt already given at "
+                               f"{tmp_path / 'a.jsonl'} line 1 with target_new 'Rome', here 'Oslo'")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FactsValidationError, match="no facts files"):
+        load_facts(empty)

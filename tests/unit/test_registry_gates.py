@@ -64,3 +64,8 @@ def test_edits_text_output() -> None:
     text = format_edits("diff", "m", diff)
     assert "facts added (1)" in text and "Bob works for" in text and "locality: 1.00 -> 0.75" in text
     assert format_edits("rollback", "m", {"champion": "1", "rolled_back": "2"}) == "m: champion rolled back from version 2 to 1"
+
+
+def test_a_registry_name_mlflow_would_refuse_is_refused_at_load(workdir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"registry\.name: 'team/facts': MLflow model names cannot contain"):
+        load_pipeline(write_spec(workdir, spec_document(registry={"name": "team/facts"})))
