@@ -509,7 +509,8 @@ def load_facts(path: str | os.PathLike[str]) -> list[EditRequest]:
     """Load and validate a facts file (JSONL, JSON array, CSV or parquet; generic, CounterFact
     or zsRE rows); each request's `source` says where it came from ("facts.jsonl line 3").
 
-    A directory stands for every facts file in it (by extension, in name order, not recursive):
+    A directory saved by `datasets.Dataset.save_to_disk` is read as that dataset. Any other
+    directory stands for every facts file in it (by extension, in name order, not recursive):
     a fact repeated in a later file is kept once, and a prompt given different targets in two
     files is an error naming both places.
 
@@ -517,6 +518,8 @@ def load_facts(path: str | os.PathLike[str]) -> list[EditRequest]:
     """
     if not Path(path).is_dir():
         return load_facts_with_format(path)[1]
+    if any((Path(path) / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
+        return _load_saved_dataset(Path(path))
     files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS)
     if not files:
         message = f"no facts files ({', '.join(SUPPORTED_EXTENSIONS)}) in this directory"
@@ -540,6 +543,19 @@ def load_facts(path: str | os.PathLike[str]) -> list[EditRequest]:
     if problems:
         raise FactsValidationError(problems)
     return requests
+
+
+def _load_saved_dataset(path: Path) -> list[EditRequest]:
+    """A `datasets.Dataset` saved with `save_to_disk` (a directory with state.json; a saved
+    DatasetDict, with dataset_dict.json, is refused with the names of its splits)."""
+    import datasets
+
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = ", ".join(dataset)
+        raise FactsValidationError([FactProblem(os.fspath(path), None, None, (
+            f"a DatasetDict with splits {splits}: name one split's directory (e.g. {path / next(iter(dataset))})"))])
+    return requests_from_dataset(dataset, os.fspath(path))
 
 
 def requests_from_dataset(dataset: "datasets.Dataset", origin: str) -> list[EditRequest]:

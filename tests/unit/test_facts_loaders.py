@@ -574,3 +574,20 @@ def test_a_directory_is_every_facts_file_in_it(tmp_path):
     empty.mkdir()
     with pytest.raises(FactsValidationError, match="no facts files"):
         load_facts(empty)
+
+
+def test_a_dataset_saved_to_disk_is_a_facts_source(tmp_path):
+    import datasets
+
+    from editing_core.data import FactsValidationError, load_facts
+
+    rows = [{"prompt": "The capital of France is", "target_new": "Rome"}, {"prompt": "Bob works for", "target_new": "Sega"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "facts"))
+    assert [r.target_new for r in load_facts(tmp_path / "facts")] == ["Rome", "Sega"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(FactsValidationError, match="a DatasetDict with splits train: name one split's directory"):
+        load_facts(tmp_path / "dict")
+    bad = [{"prompt": "Bob works for", "target_new": ""}]
+    datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(FactsValidationError, match="record 1, field 'target_new'"):
+        load_facts(tmp_path / "bad")
