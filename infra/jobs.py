@@ -27,6 +27,8 @@ import yaml
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from ray.job_submission import JobSubmissionClient
 
+    from pipelines.spec import PipelineSpec
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -66,13 +68,10 @@ def job_client(address: str | None) -> "JobSubmissionClient":
         raise ConnectionError(f"cannot reach the Ray Jobs API at {resolved}: {exc}{hint}") from exc
 
 
-def stage_pipeline(path: Path, directory: Path) -> Path:
-    """Copy the pipeline YAML and its facts / heldout files into `directory` (paths rewritten to
-    the copies), so the job's working_dir holds exactly what the run reads."""
-    from pipelines.spec import load_pipeline
-
-    spec = load_pipeline(path)
-    document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+def stage_pipeline(spec: "PipelineSpec", directory: Path) -> Path:
+    """Copy the (validated) pipeline YAML and its facts / heldout files into `directory` (paths
+    rewritten to the copies), so the job's working_dir holds exactly what the run reads."""
+    document = yaml.safe_load(spec.source.read_text(encoding="utf-8"))
     inputs = directory / "inputs"
     inputs.mkdir(parents=True)
     if spec.facts.is_dir():
@@ -84,9 +83,8 @@ def stage_pipeline(path: Path, directory: Path) -> Path:
         (inputs / "heldout").mkdir()
         shutil.copy(spec.heldout, inputs / "heldout" / spec.heldout.name)
         document["heldout"] = f"inputs/heldout/{spec.heldout.name}"
-    staged = directory / Path(path).name
+    staged = directory / spec.source.name
     staged.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    load_pipeline(staged)  # the staged copy must load exactly like the original
     return staged
 
 
@@ -110,7 +108,7 @@ def submit_pipeline(path: str | os.PathLike[str], address: str | None, tracking_
     check_tracking_uri_reachable_from(tracking_uri, resolved)
     client = job_client(resolved)
     with tempfile.TemporaryDirectory(prefix="editflow-job-") as tmp:
-        staged = stage_pipeline(Path(path), Path(tmp))
+        staged = stage_pipeline(spec, Path(tmp))
         job_id = f"editflow-{_safe(spec.name)}-{uuid.uuid4().hex[:8]}"
         entrypoint = f"editflow run {shlex.quote(staged.name)} --tracking-uri {shlex.quote(tracking_uri)}"
         client.submit_job(

@@ -34,7 +34,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from mlflow import MlflowClient
@@ -146,17 +146,26 @@ def client_for(tracking_uri: str) -> "MlflowClient":
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def aliases(client: "MlflowClient", name: str) -> dict[str, str]:
-    """alias -> version of registered model `name` ({} when it does not exist)."""
+def _registered_model(client: "MlflowClient", name: str) -> Any:
+    """The registered model `name`, or None when it does not exist."""
     from mlflow.exceptions import MlflowException
 
     try:
-        model = client.get_registered_model(name)
+        return client.get_registered_model(name)
     except MlflowException as exc:
         if _not_found(exc):
-            return {}
+            return None
         raise
-    return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+
+
+def _exists(client: "MlflowClient", name: str) -> bool:
+    return _registered_model(client, name) is not None
+
+
+def aliases(client: "MlflowClient", name: str) -> dict[str, str]:
+    """alias -> version of registered model `name` ({} when it does not exist)."""
+    model = _registered_model(client, name)
+    return {alias: str(version) for alias, version in (getattr(model, "aliases", None) or {}).items()}
 
 
 def _not_found(exc: Exception) -> bool:
@@ -184,18 +193,6 @@ def list_versions(client: "MlflowClient", name: str) -> list["ModelVersion"]:
         raise RegistryError(f"no registered model {name!r}")
     versions = client.search_model_versions(f"name = '{_quote(name)}'")
     return sorted(versions, key=lambda v: int(v.version))
-
-
-def _exists(client: "MlflowClient", name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-        return True
-    except MlflowException as exc:
-        if _not_found(exc):
-            return False
-        raise
 
 
 def _quote(name: str) -> str:
@@ -336,7 +333,8 @@ def register_version(
                     _promote(client, name, version)
                     promoted = True
     except (MlflowException, OSError, RegistryError) as exc:
-        _delete_quietly(client, name, version)
+        _quietly(f"remove version {version} of {name} after a failed registration",
+                 lambda: client.delete_model_version(name, version))
         raise RuntimeError(f"registering version {version} of {name!r} failed; the version was removed and "
                            f"no alias moved: {exc}") from exc
     log.info("registered %s version %s (%s)", name, version, "champion" if promoted else "candidate; gates: " + tags["gates"])
@@ -406,11 +404,12 @@ def _tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
-def _delete_quietly(client: "MlflowClient", name: str, version: str) -> None:
+def _quietly(what: str, action: Callable[[], Any]) -> None:
+    """Clean-up that must not hide the error being handled: a failure is only logged."""
     try:
-        client.delete_model_version(name, version)
-    except Exception as exc:  # noqa: BLE001 - the original error is what the user needs
-        log.warning("could not remove version %s of %s after a failed registration: %s", version, name, exc)
+        action()
+    except Exception as exc:  # noqa: BLE001 - the original error (or a stale lock, broken later) matters more
+        log.warning("could not %s: %s", what, exc)
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,7 +445,7 @@ def champion_lock(client: "MlflowClient", name: str, timeout_s: float = 60.0, st
         age = _lock_age(client, lock)
         if age is not None and age > stale_s:
             log.warning("breaking the stale champion lock of %s (held %.0f s)", name, age)
-            _delete_registered_quietly(client, lock)
+            _quietly(f"break the lock {lock}", lambda: client.delete_registered_model(lock))
         elif time.monotonic() > deadline:
             raise RegistryError(f"the champion of {name!r} is being moved by another process (lock {lock!r} "
                                 f"held for {age or 0:.0f} s); try again")
@@ -455,24 +454,13 @@ def champion_lock(client: "MlflowClient", name: str, timeout_s: float = 60.0, st
     try:
         yield
     finally:
-        _delete_registered_quietly(client, lock)
+        _quietly(f"release the lock {lock}", lambda: client.delete_registered_model(lock))
 
 
 def _lock_age(client: "MlflowClient", lock: str) -> float | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        since = client.get_registered_model(lock).tags.get(TAG + "lock_since")
-    except MlflowException:
-        return None  # released meanwhile
+    model = _registered_model(client, lock)  # None: released meanwhile
+    since = model.tags.get(TAG + "lock_since") if model is not None else None
     return time.time() - float(since) if since else None
-
-
-def _delete_registered_quietly(client: "MlflowClient", name: str) -> None:
-    try:
-        client.delete_registered_model(name)
-    except Exception as exc:  # noqa: BLE001 - a lock left behind goes stale and is broken later
-        log.warning("could not delete %s: %s", name, exc)
 
 
 def promote(client: "MlflowClient", name: str, version: str | int) -> str | None:

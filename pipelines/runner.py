@@ -135,10 +135,14 @@ def run_pipeline(
         rows = outcome.report.rows if outcome.report is not None else []
         log_pipeline_run(run, _end_record(spec, outcome, metrics, rows, run_dir))
         registration = _register(spec, inputs, outcome, metrics, run, run_dir) if registering else None
-    artifact = outcome.artifact
+    return _result(run, run_dir, metrics, rows, outcome.artifact, registration)
+
+
+def _result(run: TrackedRun, run_dir: Path, metrics: dict[str, Any], rows: list[dict[str, Any]],
+            artifact: "EditArtifact | None" = None, registration: "Registration | None" = None) -> PipelineResult:
     return PipelineResult(
         run_id=run.run_id, experiment_id=run.experiment_id, experiment_name=run.experiment_name,
-        tracking_uri=uri, metrics=metrics, rows=rows,
+        tracking_uri=run.tracking_uri, metrics=metrics, rows=rows,
         artifact_dir=run_dir / EDIT_ARTIFACT_PATH if artifact is not None else None,
         artifact_id=artifact.meta.artifact_id if artifact is not None else None, output_dir=run_dir,
         registration=registration,
@@ -193,12 +197,7 @@ def _nothing_new(spec: PipelineSpec, inputs: _Inputs, run: TrackedRun, output_di
     """Every fact is already in the champion: no edit, no version; the run says so."""
     log.info("every fact of %s is already in the champion (version %s): nothing to edit", spec.facts, inputs.base_version)
     run.set_tags({"outcome": "nothing new: every fact is already in the champion"})
-    run_dir = _run_directory(output_dir, spec, run)
-    return PipelineResult(
-        run_id=run.run_id, experiment_id=run.experiment_id, experiment_name=run.experiment_name,
-        tracking_uri=run.tracking_uri, metrics={"n_new_facts": 0}, rows=[], artifact_dir=None, artifact_id=None,
-        output_dir=run_dir, registration=None,
-    )
+    return _result(run, _run_directory(output_dir, spec, run), {"n_new_facts": 0}, [])
 
 
 def _register(spec: PipelineSpec, inputs: _Inputs, outcome: _Outcome, metrics: dict[str, Any], run: TrackedRun, run_dir: Path) -> "Registration":
