@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -386,22 +387,27 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
+_GLOBAL_URI_LOCK = threading.RLock()
+
+
 @contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
-    """mlflow's fluent API pointed at `uri` for the block. `set_tracking_uri` also writes
-    $MLFLOW_TRACKING_URI; both the global and the variable are put back as they were."""
+    """mlflow's fluent API pointed at `uri` for the block. The tracking URI is process-global,
+    so blocks in different threads (two refreshes, Serve's lineage downloads) run one at a time;
+    `set_tracking_uri` also writes $MLFLOW_TRACKING_URI: both are put back as they were."""
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    saved_global = getattr(tracking_utils, "_tracking_uri", None)
-    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved_global)
-        if saved_env is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+    with _GLOBAL_URI_LOCK:
+        saved_global = getattr(tracking_utils, "_tracking_uri", None)
+        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved_global)
+            if saved_env is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def _quietly(what: str, action: Callable[[], Any]) -> None:
