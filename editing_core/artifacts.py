@@ -7,7 +7,8 @@ An artifact is stored as two files in a directory:
 
 Kinds share one base class; a kind is registered by name so `load_artifact` can rebuild it.
 This module has the `weight_delta` kind (dense or low-rank deltas added to named parameters);
-adaptor kinds (GRACE codebooks) install hooks instead and subclass `EditArtifact` the same way.
+adaptor kinds (the GRACE codebook, editors/grace.py) install hooks instead and subclass
+`EditArtifact` the same way.
 
 `attach(model)` checks that the model's weights are the ones the edit was computed on (a hash of
 the touched parameters), then applies the edit; `detach(model)` restores every touched parameter
@@ -156,6 +157,10 @@ class EditArtifact(ABC):
     def _undo_apply(self, model: nn.Module, undo: Any) -> None:
         """Restore the model exactly as it was before `_apply`."""
 
+    def _check_detach(self, model: nn.Module, undo: Any) -> None:
+        """Raise ArtifactError when `_undo_apply` cannot restore the model now (a kind that
+        installs hooks checks nothing was stacked on top of it); nothing is changed."""
+
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """The kind's tensors, by safetensors key."""
@@ -205,6 +210,7 @@ class EditArtifact(ABC):
                 f"artifact {self.meta.artifact_id}: the parameters it edited changed after it was "
                 "attached (another artifact on top?); detach in the reverse order of attaching"
             )
+        self._check_detach(model, undo)
         del self._undo[model]
         self._undo_apply(model, undo)
 
@@ -284,6 +290,8 @@ def load_artifact(directory: str | os.PathLike) -> EditArtifact:
     if document.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{json_path}: unsupported format_version {document.get('format_version')!r}")
     kind = document.get("kind")
+    if kind not in ARTIFACT_KINDS:
+        from . import editors  # noqa: F401  (adaptor kinds live beside their editors)
     if kind not in ARTIFACT_KINDS:
         raise ArtifactError(f"{json_path}: unknown artifact kind {kind!r}; known: {sorted(ARTIFACT_KINDS)}")
     tensors_path = directory / TENSORS_NAME

@@ -169,6 +169,17 @@ class TrackedRun:
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
+    def log_metric_series(self, series: Sequence[Mapping[str, Any]], step_key: str, prefix: str = "") -> None:
+        """One MLflow metric history per numeric key of the rows, at step `row[step_key]` (the
+        UI draws them as curves)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(prefix + k, float(v), now, int(row[step_key])) for row in series
+                 for k, v in row.items() if k != step_key and _is_number(v)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
             if value is not None:
@@ -280,7 +291,8 @@ class RunRecord:
     """Everything a pipeline run logs once its steps are done.
 
     files: (local file, artifact directory or None) pairs; dirs: (local dir, artifact
-    directory) pairs; table_rows: the before/after table for `log_table`.
+    directory) pairs; table_rows: the before/after table for `log_table`; series: the
+    checkpoints of a lifelong stream (one row per checkpoint, keyed by `edits`).
     """
 
     params: dict[str, Any] = field(default_factory=dict)
@@ -290,6 +302,7 @@ class RunRecord:
     dirs: list[tuple[Path, str | None]] = field(default_factory=list)
     table_rows: list[dict[str, Any]] = field(default_factory=list)
     table_file: str = "results/before_after_table.json"
+    series: list[dict[str, Any]] = field(default_factory=list)  # stream checkpoints, logged as stream_* curves
 
 
 def log_pipeline_run(run: TrackedRun, record: RunRecord) -> None:
@@ -303,6 +316,8 @@ def log_pipeline_run(run: TrackedRun, record: RunRecord) -> None:
         run.log_dir(path, artifact_path)
     if record.table_rows:
         run.log_table(record.table_rows, record.table_file)
+    if record.series:
+        run.log_metric_series(record.series, "edits", "stream_")
 
 
 # ---------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_verbosity(parser, on_subcommand=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_validate, _add_edit, _add_eval, _add_run, _add_demo, _add_edits, _add_serve, _add_submit, _add_jobs,
+    for add in (_add_validate, _add_edit, _add_eval, _add_stream, _add_run, _add_demo, _add_edits, _add_serve, _add_submit, _add_jobs,
                 _add_schedule, _add_scheduler):
         add(commands)
     return parser
@@ -128,6 +128,30 @@ def _add_eval(commands: Any) -> None:
     sub.add_argument("--heldout", type=Path, metavar="FILE", help="facts file of (prompt, target_new) pairs the model should keep right, for drawdown")
     sub.add_argument("--json", action="store_true", help="print exactly one JSON object (the metrics, plus `rows`) on stdout")
     sub.set_defaults(handler=_cmd_eval)
+
+
+def _add_stream(commands: Any) -> None:
+    sub = _subparser(
+        commands, "grace-stream", "lifelong editing: stream edits one at a time, plot retention",
+        "Apply the first N facts of FILE one at a time (GRACE codebook by default; any method\n"
+        "with a sequential mode via --method) and every --every edits record edit retention (ERR,\n"
+        "accuracy on all past edits), test retention (TRR, unchanged predictions on an unrelated\n"
+        "set), paraphrase accuracy, codebook size and seconds per edit. Writes DIR/stream.json,\n"
+        "DIR/stream.png and the final edit artifact in DIR/artifact.\n\n"
+        "example:\n  editflow grace-stream --model smollm2-135m --facts counterfact.json --n 1000 --layer 21 --out streams/g1",
+    )
+    _add_model(sub)
+    _add_facts(sub)
+    sub.add_argument("--n", type=int, metavar="N", help="stream the first N facts (default: all)")
+    sub.add_argument("--method", default="grace", help="editing method with a sequential mode (default: grace)")
+    sub.add_argument("--layer", type=int, metavar="L", help="GRACE: the wrapped layer (negative counts from the end); overrides the config")
+    sub.add_argument("--config", type=Path, metavar="YAML", help="the method's config as a YAML mapping (strict)")
+    sub.add_argument("--every", type=int, default=50, metavar="K", help="edits between retention checkpoints (default: 50)")
+    sub.add_argument("--unrelated", type=Path, metavar="FILE",
+                     help="facts file of (prompt, target_new) pairs for TRR (default: the streamed facts' locality prompts with answers)")
+    sub.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for stream.json, stream.png and artifact/")
+    sub.add_argument("--force", action="store_true", help="write into an existing non-empty --out directory")
+    sub.set_defaults(handler=_cmd_stream)
 
 
 def _add_run(commands: Any) -> None:
@@ -384,7 +408,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
     requests = load_facts(args.facts)  # bad facts fail before anything loads
     _check_method(args.method)
-    editor = make_editor(args.method, args.config, layers=args.layers, progress=True)
+    editor = make_editor(args.method, args.config, **_layer_overrides(args.method, args.layers), progress=True)
     _check_out_dir(args.out, args.force)
     parent = _load_artifact(args.parent, "--parent") if args.parent else None
     loaded = _load_model(args.model)
@@ -396,6 +420,69 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     artifact.save(args.out)
     _print_edit_summary(artifact, args.out, seconds)
     return EXIT_OK
+
+
+def _layer_overrides(method: str, layers: tuple[int, ...] | None) -> dict[str, Any]:
+    """--layers as the method's config field: `layers`, or `layer` for one-layer methods (GRACE)."""
+    import dataclasses
+
+    from editing_core.editors import EDITORS
+
+    if layers is None:
+        return {}
+    fields = {f.name for f in dataclasses.fields(EDITORS[method].config_class)}
+    if "layers" in fields:
+        return {"layers": layers}
+    if "layer" in fields and len(layers) == 1:
+        return {"layer": layers[0]}
+    raise UsageError(f"--layers: {method} edits one layer; give exactly one index (got {','.join(map(str, layers))})")
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from editing_core.config import config_to_dict
+    from editing_core.data import load_facts
+    from editing_core.editors import make_editor
+    from editing_core.sequential import StreamConfig, run_stream
+    from pipelines.report import plot_stream, write_json
+
+    requests = load_facts(args.facts)
+    if args.n is not None:
+        if args.n < 1:
+            raise UsageError(f"--n must be >= 1, got {args.n}")
+        requests = requests[: args.n]
+    unrelated = _unrelated_pairs(args.unrelated, requests)
+    _check_method(args.method)
+    overrides = _layer_overrides(args.method, (args.layer,) if args.layer is not None else None)
+    editor = make_editor(args.method, args.config, **overrides)
+    config = StreamConfig(every=args.every)
+    _check_out_dir(args.out, args.force)
+    loaded = _load_model(args.model)
+    _check_lengths(loaded, requests)
+    result = run_stream(loaded, editor, requests, unrelated, config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    document = {"model": args.model, "facts": str(args.facts), "method": args.method,
+                "config": config_to_dict(editor.config), "summary": result.summary, "series": result.series}
+    write_json(document, args.out / "stream.json")
+    plot_stream({args.method: result.series}, args.out / "stream.png", f"{args.method} stream on {args.model}")
+    assert result.artifact is not None
+    result.artifact.save(args.out / "artifact")
+    from pipelines.report import format_rows
+
+    print(format_rows(result.series, columns=("edits", "err", "trr", "paraphrase", "newest_success", "size", "seconds_per_edit")))
+    print(f"\nwrote {args.out / 'stream.json'}, {args.out / 'stream.png'} and the artifact in {args.out / 'artifact'}")
+    return EXIT_OK
+
+
+def _unrelated_pairs(path: Path | None, requests: Sequence[Any]) -> list[tuple[str, str]]:
+    """TRR pairs: a facts file's (prompt, target_new), else the requests' locality pairs."""
+    from editing_core.data import load_facts
+
+    if path is not None:
+        return [(r.prompt, r.target_new) for r in load_facts(path)]
+    pairs = [(r.locality_prompt, r.locality_answer) for r in requests if r.locality_prompt and r.locality_answer]
+    if not pairs:
+        log.warning("no unrelated pairs (no --unrelated file, no locality prompts with answers): TRR is not measured")
+    return pairs
 
 
 def _check_method(method: str) -> None:

@@ -160,3 +160,35 @@ def plot_bars(series: Mapping[str, Sequence[float]], labels: Sequence[str], path
     figure.tight_layout()
     figure.savefig(path, format="png")
     return path
+
+
+STREAM_PANELS = (("err", "edit retention (ERR)"), ("trr", "test retention (TRR)"),
+                 ("paraphrase", "paraphrase accuracy"), ("seconds_per_edit", "seconds per edit"))
+
+
+def plot_stream(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str) -> Path:
+    """A PNG of lifelong-editing curves against the number of edits: ERR, TRR, paraphrase
+    accuracy and seconds per edit, one line per run (method)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 7), dpi=120)
+    FigureCanvasAgg(figure)
+    for i, (key, label) in enumerate(STREAM_PANELS):
+        axes = figure.add_subplot(2, 2, i + 1)
+        for j, (name, series) in enumerate(runs.items()):
+            points = [(row["edits"], row[key]) for row in series if row.get(key) is not None]
+            if points:
+                axes.plot(*zip(*points), marker="o", markersize=3, label=name, color=BAR_COLORS[(j + 1) % len(BAR_COLORS)])
+        axes.set_title(label, fontsize=10)
+        axes.set_xlabel("edits")
+        if key != "seconds_per_edit":
+            axes.set_ylim(-0.02, 1.05)
+        else:
+            axes.set_yscale("log")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8, frameon=False)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return path

@@ -102,6 +102,7 @@ class _Outcome:
     artifact: "EditArtifact | None" = None
     report: "EvalReport | None" = None
     seconds: dict[str, float] = field(default_factory=dict)
+    series: list[dict[str, Any]] = field(default_factory=list)  # stream checkpoints (stream_every > 0)
 
 
 def run_pipeline(
@@ -319,7 +320,14 @@ def _validate_step(worker: Any, spec: PipelineSpec, inputs: _Inputs, requests: l
 
 def _edit_step(worker: Any, spec: PipelineSpec, inputs: _Inputs, requests: list[dict[str, Any]], outcome: _Outcome) -> None:
     assert spec.edit is not None
-    outcome.artifact = _get(worker.edit.remote(spec.edit.method, spec.edit.config, requests, inputs.base))
+    if not spec.edit.stream_every:
+        outcome.artifact = _get(worker.edit.remote(spec.edit.method, spec.edit.config, requests, inputs.base))
+        return
+    unrelated = inputs.heldout if inputs.heldout is not None else [
+        (r.locality_prompt, r.locality_answer) for r in inputs.requests if r.locality_prompt and r.locality_answer
+    ]
+    result = _get(worker.stream.remote(spec.edit.method, spec.edit.config, requests, unrelated, spec.edit.stream_every, inputs.base))
+    outcome.artifact, outcome.series = result.artifact, result.series
 
 
 def _evaluate_step(worker: Any, spec: PipelineSpec, inputs: _Inputs, requests: list[dict[str, Any]], outcome: _Outcome) -> None:
@@ -368,6 +376,7 @@ def _start_record(spec: PipelineSpec, inputs: _Inputs) -> RunRecord:
     }
     if spec.edit is not None:
         params.update(flatten_params(spec.edit.config, "config."))
+        params["stream_every"] = spec.edit.stream_every
     if spec.evaluate is not None:
         params.update(flatten_params(config_to_dict(spec.evaluate), "eval."))
     files = [(spec.source, "inputs")]
@@ -406,5 +415,9 @@ def _end_record(spec: PipelineSpec, outcome: _Outcome, metrics: dict[str, Any], 
     chart = report.plot_before_after(metrics, results / "metrics.png", f"{spec.name}: {spec.model}")
     if chart is not None:
         files.append(chart)
+    if outcome.series:
+        record.series = outcome.series
+        files.append(report.write_json(outcome.series, results / "stream.json"))
+        files.append(report.plot_stream({spec.edit.method: outcome.series}, results / "stream.png", f"{spec.name}: {spec.model}"))
     record.files += [(path, "results") for path in files]
     return record

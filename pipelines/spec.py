@@ -11,6 +11,7 @@
       - edit:                     # optional
           method: ft_kl
           config: {layers: [4, 5, 6], steps: 20}   # the method's own config, checked strictly
+          stream_every: 0         # N > 0: edit one request at a time, log retention every N edits
       - evaluate: {generated: true, batch_size: 16}  # optional; an EvalConfig
     tracking:
       experiment: editflow
@@ -65,10 +66,16 @@ class EditStep:
 
     After `load_pipeline`, `config` is the method's complete config (defaults filled in),
     already validated against `EDITORS[method].config_class`.
+
+    stream_every: 0 edits all requests at once. N > 0 applies them one at a time (lifelong
+    editing, e.g. GRACE) and every N edits logs edit / test retention, paraphrase accuracy,
+    codebook size and seconds per edit as MLflow curves (stream_*), with stream.json and
+    stream.png; test retention uses the heldout pairs, else the requests' locality pairs.
     """
 
     method: str
     config: dict[str, Any] = field(default_factory=dict)
+    stream_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -286,13 +293,17 @@ def _check_order(kind: str, seen: list[str], where: str, index: int) -> None:
 
 def _parse_edit(body: Any, where: str, path: str) -> EditStep:
     """The edit step with its method config validated and completed with the defaults."""
-    from editing_core.editors import EDITORS, editor_names
+    from editing_core.editors import EDITORS, Editor, editor_names
 
     step = _load_section(EditStep, body, where, path)
     if step.method not in EDITORS:
         raise ConfigError(
             f"{where}: {path}.method: unknown editing method {step.method!r}; available: {', '.join(editor_names())}"
         )
+    if step.stream_every < 0:
+        raise ConfigError(f"{where}: {path}.stream_every: must be >= 0 (0: edit all requests at once)")
+    if step.stream_every and EDITORS[step.method].sequential is Editor.sequential:
+        raise ConfigError(f"{where}: {path}.stream_every: method {step.method!r} has no sequential mode")
     config_class = EDITORS[step.method].config_class
     config = _load_section(config_class, step.config, where, f"{path}.config")
     return dataclasses.replace(step, config=config_to_dict(config))

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from editing_core.artifacts import EditArtifact
     from editing_core.evaluate import EvalReport
     from editing_core.models import LoadedModel
+    from editing_core.sequential import StreamResult
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,27 @@ class ModelWorker:
             artifact = editor.edit(self._loaded, requests_from_dicts(requests), parent=base[-1] if base else None)
         log.info("%s edit of %d requests took %.1f s", method, len(requests), time.perf_counter() - started)
         return artifact
+
+    def stream(
+        self,
+        method: str,
+        config: dict[str, Any],
+        requests: list[dict[str, Any]],
+        unrelated: list[tuple[str, str]],
+        every: int,
+        base: "Sequence[EditArtifact]" = (),
+    ) -> "StreamResult":
+        """Apply `requests` one at a time (lifelong editing) on top of `base`, scoring retention
+        every `every` edits; the result carries the series and the final artifact."""
+        from editing_core.artifacts import attached_chain
+        from editing_core.editors import make_editor
+        from editing_core.sequential import StreamConfig, run_stream
+
+        editor = make_editor(method, config)
+        pairs = [tuple(pair) for pair in unrelated]
+        with attached_chain(self._loaded.model, base):
+            return run_stream(self._loaded, editor, requests_from_dicts(requests), pairs,
+                              StreamConfig(every=every, progress=False), parent=base[-1] if base else None)
 
     def evaluate(
         self,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from . import ft, ft_kl  # noqa: F401  (registers the editors)
-from .base import EDITORS, Editor, WeightEditConfig, WeightEditor, register_editor
+from . import ft, ft_kl, grace  # noqa: F401  (registers the editors)
+from .base import EDITORS, EditOutcome, Editor, SequentialSession, WeightEditConfig, WeightEditor, register_editor
 
 
 def editor_names() -> list[str]:
@@ -25,4 +25,4 @@ def make_editor(method: str, config: Mapping[str, Any] | str | None = None, **ov
     return EDITORS[method].from_config(config, **overrides)
 
 
-__all__ = ["EDITORS", "Editor", "WeightEditConfig", "WeightEditor", "editor_names", "make_editor", "register_editor"]
+__all__ = ["EDITORS", "EditOutcome", "Editor", "SequentialSession", "WeightEditConfig", "WeightEditor", "editor_names", "make_editor", "register_editor"]

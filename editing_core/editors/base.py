@@ -50,6 +50,11 @@ class Editor(ABC):
     def edit(self, loaded: LoadedModel, requests: Sequence[EditRequest], parent: EditArtifact | None = None) -> EditArtifact:
         """Compute the edit for `requests`; `parent` is the artifact attached to the model, if any."""
 
+    def sequential(self, loaded: LoadedModel, parent: EditArtifact | None = None) -> "SequentialSession":
+        """A session that applies edits one at a time, each on top of the ones before (lifelong
+        editing); leaving it restores the model. See SequentialSession."""
+        raise NotImplementedError(f"{self.name} has no sequential mode")
+
     @staticmethod
     def hashed_params(loaded: LoadedModel, touched: Sequence[str], parent: EditArtifact | None) -> tuple[str, ...]:
         """The parameters an edit's base hash covers: those it touches and, when it is computed
@@ -74,6 +79,92 @@ class Editor(ABC):
             requests=tuple(requests),
             parent=parent.meta.artifact_id if parent else None,
         )
+
+
+@dataclass(frozen=True)
+class EditOutcome:
+    """What one edit of a sequential session did.
+
+    action: GRACE: added / split / expanded / skipped (see editors/grace.py); weight editors:
+            applied. key_index: the codebook key that serves the edit (GRACE). steps: optimizer
+            steps taken, when known. target_nll: the target NLL at the end, when known.
+    """
+
+    edit_id: str
+    action: str
+    key_index: int | None = None
+    steps: int | None = None
+    target_nll: float | None = None
+
+
+class SequentialSession(ABC):
+    """Edits applied one at a time, each seeing the ones before it; the model carries them
+    while the session is open and leaves exactly as it came.
+
+        with editor.sequential(loaded) as session:
+            for request in stream:
+                session.add(request)
+            artifact = session.artifact()   # everything edited so far, as one artifact
+    """
+
+    @abstractmethod
+    def __enter__(self) -> "SequentialSession": ...
+
+    @abstractmethod
+    def __exit__(self, *exc: Any) -> None: ...
+
+    @abstractmethod
+    def add(self, request: EditRequest) -> EditOutcome:
+        """Edit one request into the model."""
+
+    @abstractmethod
+    def artifact(self) -> EditArtifact:
+        """All edits so far as one artifact on the model the session started from."""
+
+    @property
+    def size(self) -> int | None:
+        """Entries the edits occupy (GRACE: codebook keys); None when that means nothing."""
+        return None
+
+
+class FoldingSession(SequentialSession):
+    """Sequential weight edits: each request is edited alone on the weights the previous edits
+    left, and its delta is added to the model at once. The artifact is the total change."""
+
+    def __init__(self, editor: "WeightEditor", loaded: LoadedModel, parent: EditArtifact | None):
+        self.editor, self.loaded, self.parent = editor, loaded, parent
+        cfg = editor.config
+        self.names = loaded.adapter.param_names(cfg.roles, cfg.layers)
+        self.hashed = editor.hashed_params(loaded, self.names, parent)
+        self.base_hash = weights_hash(loaded.model, self.hashed)
+        self.requests: list[EditRequest] = []
+        self.originals: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> "FoldingSession":
+        self.originals = {name: self.loaded.model.get_parameter(name).detach().clone() for name in self.names}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for name, original in self.originals.items():
+                self.loaded.model.get_parameter(name).copy_(original)
+
+    def add(self, request: EditRequest) -> EditOutcome:
+        artifact = self.editor.edit(self.loaded, [request])
+        with torch.no_grad():
+            for name, delta in artifact.deltas.items():
+                param = self.loaded.model.get_parameter(name)
+                param.add_(delta.tensor().to(param))
+        self.requests.append(request)
+        return EditOutcome(request.digest(), "applied")
+
+    def artifact(self) -> WeightDeltaArtifact:
+        deltas = {
+            name: WeightDelta(dense=(self.loaded.model.get_parameter(name).detach() - original).clone())
+            for name, original in self.originals.items()
+        }
+        meta = self.editor._meta(self.loaded, self.requests, self.hashed, self.base_hash, self.parent)
+        return WeightDeltaArtifact(meta, deltas)
 
 
 @dataclass(frozen=True)
@@ -122,6 +213,9 @@ class WeightEditor(Editor):
     returns the weight change as a dense-delta artifact. Subclasses add loss terms."""
 
     config: WeightEditConfig
+
+    def sequential(self, loaded: LoadedModel, parent: EditArtifact | None = None) -> FoldingSession:
+        return FoldingSession(self, loaded, parent)
 
     def prepare(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> Any:
         """Anything the extra loss needs from the unedited model (computed once)."""

@@ -81,6 +81,17 @@ class ModelAdapter:
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(f"{self._prefix}{self.arch.blocks}")
 
+    def final_modules(self) -> list[nn.Module]:
+        """The modules between the last block and the LM head, in order (final norm, ...)."""
+        modules = []
+        for path in self.arch.final:
+            module: nn.Module | None = self.model.base_model
+            for part in path.split("."):
+                module = getattr(module, part, None)
+            if module is not None:
+                modules.append(module)
+        return modules
+
     # -- layers ------------------------------------------------------------------------
     def resolve_layers(self, layers: Iterable[int]) -> list[int]:
         """Non-negative layer indices; negative ones count from the end (-1 = last layer)."""

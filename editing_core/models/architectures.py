@@ -32,6 +32,10 @@ class Architecture:
     kv_heads_attr: config attribute holding the number of key/value heads (grouped-query
                  attention), or None when every query head has its own key/value head.
     causal:      True for decoder-only language models; False for encoders (BERT).
+    final:       paths (relative to the base model) of the modules applied, in order, between
+                 the last block and the LM head (final norm, OPT's optional projection); a path
+                 whose module is None in a given config is skipped. Lets an editor run only
+                 the layers above a cached activation.
     """
 
     blocks: str
@@ -41,6 +45,7 @@ class Architecture:
     conv1d: bool = False
     kv_heads_attr: str | None = None
     causal: bool = True
+    final: tuple[str, ...] = ()
 
 
 _LLAMA_LIKE = Architecture(
@@ -49,6 +54,7 @@ _LLAMA_LIKE = Architecture(
     mlp_out="mlp.down_proj",
     attn_out="self_attn.o_proj",
     kv_heads_attr="num_key_value_heads",
+    final=("norm",),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -56,16 +62,19 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "gpt2": Architecture(
-        blocks="h", mlp_in="mlp.c_fc", mlp_out="mlp.c_proj", attn_out="attn.c_proj", conv1d=True
+        blocks="h", mlp_in="mlp.c_fc", mlp_out="mlp.c_proj", attn_out="attn.c_proj", conv1d=True,
+        final=("ln_f",),
     ),
     "gpt_neox": Architecture(
         blocks="layers",
         mlp_in="mlp.dense_h_to_4h",
         mlp_out="mlp.dense_4h_to_h",
         attn_out="attention.dense",
+        final=("final_layer_norm",),
     ),
     "opt": Architecture(
-        blocks="decoder.layers", mlp_in="fc1", mlp_out="fc2", attn_out="self_attn.out_proj"
+        blocks="decoder.layers", mlp_in="fc1", mlp_out="fc2", attn_out="self_attn.out_proj",
+        final=("decoder.final_layer_norm", "decoder.project_out"),
     ),
     "bert": Architecture(
         blocks="encoder.layer",

@@ -269,3 +269,51 @@ def test_submit_refuses_a_local_sqlite_store_for_a_remote_cluster(tmp_path, caps
     check_tracking_uri_reachable_from("sqlite:////tmp/mlruns.db", "http://127.0.0.1:8265")  # same machine: fine
     with pytest.raises(ValueError, match="cannot write: start an MLflow server"):
         check_tracking_uri_reachable_from("sqlite:////tmp/mlruns.db", "http://10.0.0.10:8265")
+
+
+# ---------------------------------------------------------------------------------------
+# GRACE: edit / eval like the other methods, and the lifelong stream
+# ---------------------------------------------------------------------------------------
+
+
+def test_grace_edit_then_eval(models: dict[str, str], facts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "grace.yaml"
+    config.write_text("eps_init: 0.001\nn_iter: 200\nlr: 0.5\n", encoding="utf-8")
+    out_dir = tmp_path / "codebook"
+    code, out, err = run(["edit", "--model", models["a"], "--method", "grace", "--facts", str(facts), "--layers", "0",
+                          "--config", str(config), "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    artifact = load_artifact(out_dir)
+    assert artifact.kind == "grace_codebook" and artifact.meta.config["layer"] == 0 and len(artifact.edit_ids) == 2
+    code, out, _ = run(["eval", "--model", models["a"], "--artifact", str(out_dir), "--facts", str(facts), "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["edit_success"] == 1.0 and report["locality"] == 1.0
+
+
+def test_grace_edit_refuses_several_layers(models: dict[str, str], facts: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["edit", "--model", models["a"], "--method", "grace", "--facts", str(facts), "--layers", "0,1",
+                        "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "grace edits one layer" in err
+
+
+def test_grace_stream_writes_series_plot_and_artifact(models: dict[str, str], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{**FACTS[i % 2], "prompt": prompt, "target_new": target}
+            for i, (prompt, target) in enumerate([("the capital of France is", "Rome"), ("Bob works for", "Sega"),
+                                                   ("the language of Japan is", "German"), ("Alice plays the", "guitar"),
+                                                   ("the river of Egypt is", "Oslo")])]
+    facts = write_jsonl(tmp_path / "stream.jsonl", rows)
+    config = tmp_path / "grace.yaml"
+    config.write_text("eps_init: 0.001\nn_iter: 200\nlr: 0.5\n", encoding="utf-8")
+    out_dir = tmp_path / "stream"
+    code, out, err = run(["grace-stream", "--model", models["a"], "--facts", str(facts), "--n", "4", "--layer", "0",
+                          "--config", str(config), "--every", "2", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    document = json.loads((out_dir / "stream.json").read_text())
+    assert [row["edits"] for row in document["series"]] == [2, 4]
+    assert document["summary"]["err"] == 1.0 and document["summary"]["size"] == 4
+    assert document["config"]["layer"] == 0
+    assert (out_dir / "stream.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(load_artifact(out_dir / "artifact").edit_ids) == 4
+    assert "err" in out
