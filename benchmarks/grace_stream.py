@@ -13,7 +13,9 @@ streamed), paraphrase accuracy, keys and seconds per edit (editing_core.sequenti
 each edit into the weights) into the same plot. --sweep KEY=V1,V2 reruns the stream per value
 of one GRACE config field (for the key-token / radius study). --latency times forward passes with
 the final codebook attached against the base model (batch 1 and 8). --cache-edits K times the
-first K edits with the activation cache and without it.
+first K edits with the activation cache and without it. Timings want an idle machine: stream
+with --save-artifact DIR, then time separately with --n K --latency --latency-artifact DIR
+--cache-edits K (the stream of K edits is re-run; --n 0 skips it and the cache timing).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def counterfact_rows(split: str) -> list[dict[str, Any]]:
 def stream_requests(split: str, n: int):
     import datasets
 
+    if n <= 0:
+        return []
     seen: set[str] = set()
     rows = []
     for row in counterfact_rows(split):
@@ -115,10 +119,14 @@ def main() -> None:
     parser.add_argument("--unrelated-n", type=int, default=200)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="GRACE config field")
     parser.add_argument("--sweep", metavar="KEY=V1,V2", help="rerun the GRACE stream for each value of one field")
-    parser.add_argument("--compare", action="append", default=[], metavar="METHOD:N", help="also stream N edits with METHOD")
+    parser.add_argument("--compare", action="append", default=[], metavar="METHOD:N[:EVERY]",
+                        help="also stream N edits with METHOD (checkpoints every EVERY edits, default --every)")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--cache-edits", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-artifact", type=Path, metavar="DIR", help="save the final codebook (to time it later)")
+    parser.add_argument("--latency-artifact", type=Path, metavar="DIR",
+                        help="time this saved codebook instead of streaming (use with --n 0 --latency)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -132,7 +140,7 @@ def main() -> None:
     stream_config = StreamConfig(every=args.every)
     results: dict[str, Any] = {"n": len(requests), "split": args.split, "unrelated": len(unrelated), "config": config, "runs": {}}
 
-    variants = [("grace", config)]
+    variants = [("grace", config)] if requests else []
     if args.sweep:
         key, values = args.sweep.split("=", 1)
         variants = [(f"grace {key}={value}", {**config, key: parse_value(value)}) for value in values.split(",")]
@@ -144,10 +152,17 @@ def main() -> None:
         final = result.artifact
         print(json.dumps({label: result.summary}), flush=True)
     for item in args.compare:
-        method, count = item.split(":")
-        result = run_stream(loaded, make_editor(method), requests[: int(count)], unrelated, stream_config)
+        method, count, *every = item.split(":")
+        compare_config = StreamConfig(every=int(every[0])) if every else stream_config
+        result = run_stream(loaded, make_editor(method), requests[: int(count)], unrelated, compare_config)
         results["runs"][method] = {"config": {}, "summary": result.summary, "series": result.series}
         print(json.dumps({method: result.summary}), flush=True)
+    if args.save_artifact and final is not None:
+        final.save(args.save_artifact)
+    if args.latency_artifact:
+        from editing_core.artifacts import load_artifact
+
+        final = load_artifact(args.latency_artifact)
     if args.latency and final is not None:
         prompts = [p for p, _ in unrelated]
         results["latency"] = [forward_latency(loaded, final, prompts, batch, 50) for batch in (1, 8)]

@@ -3,6 +3,9 @@
     editflow validate FILE
     editflow edit --model M --method ft_kl --facts FILE [--layers 4,5] [--config YAML] [--parent DIR] --out DIR
     editflow eval --model M [--artifact DIR] --facts FILE [--heldout FILE] [--json]
+    editflow grace-stream --model M --facts FILE [--n 1000] [--layer L] --out DIR
+    editflow importance --model M [--tasks DIR] [--shots 0,1,5] [--workers N] [--address ADDR] --out DIR
+    editflow prune --model M --scores DIR --heads 0.5 --ffn 0.2 [--eval DIR] --out DIR
     editflow run PIPELINE.yaml [--address ADDR] [--tracking-uri URI]
     editflow demo [--tracking-uri URI]
     editflow edits list|show|diff|promote|rollback NAME [VERSION ...] [--tracking-uri URI] [--json]
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_verbosity(parser, on_subcommand=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_validate, _add_edit, _add_eval, _add_stream, _add_run, _add_demo, _add_edits, _add_serve, _add_submit, _add_jobs,
+    for add in (_add_validate, _add_edit, _add_eval, _add_stream, _add_importance, _add_prune, _add_run, _add_demo, _add_edits, _add_serve, _add_submit, _add_jobs,
                 _add_schedule, _add_scheduler):
         add(commands)
     return parser
@@ -152,6 +155,61 @@ def _add_stream(commands: Any) -> None:
     sub.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for stream.json, stream.png and artifact/")
     sub.add_argument("--force", action="store_true", help="write into an existing non-empty --out directory")
     sub.set_defaults(handler=_cmd_stream)
+
+
+def _add_analysis_inputs(sub: argparse.ArgumentParser, tasks_flag: str) -> None:
+    _add_model(sub)
+    sub.add_argument(tasks_flag, type=Path, metavar="DIR",
+                     help="directory of k-shot task files (*.jsonl); default: the tasks shipped with editflow")
+    sub.add_argument("--shots", type=_counts, default=(0, 1, 5), metavar="K1,K2", help="examples per prompt (default: 0,1,5)")
+    sub.add_argument("--max-rows", type=int, metavar="R", help="score at most R rows of each task (default: all)")
+    sub.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per forward pass (default: 8)")
+    sub.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    sub.add_argument("--force", action="store_true", help="write into an existing non-empty --out directory")
+
+
+def _add_importance(commands: Any) -> None:
+    sub = _subparser(
+        commands, "importance", "score attention heads and FFN blocks for importance",
+        "Gradient importance (Michel et al. 2019, as Bansal et al. 2023 use it) of every attention\n"
+        "head and FFN block on k-shot tasks: the mean over tokens of |z . dL/dz| through a gate on\n"
+        "each unit. Rows are sharded across --workers Ray workers (0: this process); the sums are\n"
+        "added, so the scores do not depend on the worker count. Writes DIR/importance.json,\n"
+        "DIR/heads.png (layers x heads) and DIR/ffn.png; --ablation adds the exact reference\n"
+        "(accuracy / NLL change with each unit removed alone, its Spearman correlation with the\n"
+        "gradient scores and the cost ratio), --induction the induction-head scores.\n\n"
+        "example:\n  editflow importance --model smollm2-135m --shots 0,5 --workers 2 --out analysis/smollm2",
+    )
+    _add_analysis_inputs(sub, "--tasks")
+    sub.add_argument("--workers", type=int, default=0, metavar="N", help="Ray workers (default: 0, this process)")
+    sub.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs (and torch threads) per Ray worker (default: 1)")
+    sub.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: a local cluster)")
+    sub.add_argument("--ablation", action="store_true", help="also compute the exact ablation scores (L*H + L passes per row)")
+    sub.add_argument("--induction", action="store_true", help="also score induction heads (prefix matching, copying)")
+    sub.set_defaults(handler=_cmd_importance)
+
+
+def _add_prune(commands: Any) -> None:
+    sub = _subparser(
+        commands, "prune", "remove the least important heads / FFN blocks and measure accuracy",
+        "Remove the lowest-scoring --heads fraction of attention heads and --ffn fraction of FFN\n"
+        "blocks (scores from `editflow importance`), save the pruned model as an edit artifact\n"
+        "(DIR/artifact: the removed heads' output-projection columns and FFN output projections\n"
+        "zeroed), evaluate every task before and after, and draw accuracy-vs-removed curves over\n"
+        "--curve-heads / --curve-ffn (DIR/prune.json, curves.json, curves.png).\n\n"
+        "example:\n  editflow prune --model smollm2-135m --scores analysis/smollm2 --heads 0.5 --ffn 0.2 --out pruned/smollm2",
+    )
+    _add_analysis_inputs(sub, "--eval")
+    sub.add_argument("--scores", type=Path, required=True, metavar="DIR", help="output directory of `editflow importance`")
+    sub.add_argument("--heads", type=float, default=0.0, metavar="P", help="fraction of heads to remove (default: 0)")
+    sub.add_argument("--ffn", type=float, default=0.0, metavar="Q", help="fraction of FFN blocks to remove (default: 0)")
+    sub.add_argument("--curve-heads", type=_fractions, default=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), metavar="P1,P2",
+                     help="head fractions of the accuracy curve (default: 0.1,...,0.7)")
+    sub.add_argument("--curve-ffn", type=_fractions, default=(0.1, 0.2, 0.3), metavar="Q1,Q2",
+                     help="FFN fractions of the accuracy curve (default: 0.1,0.2,0.3)")
+    sub.add_argument("--iterative", action="store_true", help="rescore the heads after each step of the head curve instead of ranking once")
+    sub.add_argument("--save-model", action="store_true", help="also save the whole pruned model (save_pretrained) in DIR/model")
+    sub.set_defaults(handler=_cmd_prune)
 
 
 def _add_run(commands: Any) -> None:
@@ -328,6 +386,28 @@ def _layers(text: str) -> tuple[int, ...]:
     return layers
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    """argparse type for --shots: "0,1,5" -> (0, 1, 5)."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,5, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected one or more counts >= 0, got {text!r}")
+    return values
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    """argparse type for fraction lists: "0.1,0.5" -> (0.1, 0.5), each in [0, 1]."""
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.1,0.5, got {text!r}") from None
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"fractions must be in [0, 1], got {text!r}")
+    return values
+
+
 # ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
@@ -470,6 +550,87 @@ def _cmd_stream(args: argparse.Namespace) -> int:
 
     print(format_rows(result.series, columns=("edits", "err", "trr", "paraphrase", "newest_success", "size", "seconds_per_edit")))
     print(f"\nwrote {args.out / 'stream.json'}, {args.out / 'stream.png'} and the artifact in {args.out / 'artifact'}")
+    return EXIT_OK
+
+
+def _analysis_tasks(args: argparse.Namespace, directory: Path | None) -> tuple[list[Any], Any]:
+    """The tasks (checked: enough examples for every --shots) and the importance config."""
+    from editing_core.importance import ImportanceConfig, load_tasks
+
+    if args.max_rows is not None and args.max_rows < 1:
+        raise UsageError(f"--max-rows must be >= 1, got {args.max_rows}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    tasks = load_tasks(directory)
+    if not tasks:
+        raise UsageError(f"{directory}: no task files (*.jsonl) in this directory")
+    for task in tasks:
+        if max(args.shots) > task.max_shots:
+            raise UsageError(f"task {task.name}: --shots {max(args.shots)} needs that many examples per row; it has {task.max_shots}")
+    config = ImportanceConfig(shots=args.shots[0], batch_size=args.batch_size, max_rows=args.max_rows, progress=True)
+    return tasks, config
+
+
+def _cmd_importance(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from pipelines.analysis import score_model, write_scores
+    from tasks.sharding import ray_connected
+
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0 (0: this process), got {args.workers}")
+    tasks, config = _analysis_tasks(args, args.tasks)
+    _check_out_dir(args.out, args.force)
+    loaded = _load_model(args.model) if args.workers == 0 or args.induction else None
+    induction = None
+    if args.induction:
+        from editing_core.induction import InductionConfig
+
+        induction = InductionConfig(progress=True)
+    session = ray_connected(args.address, args.workers * args.cpus_per_worker, "--workers x --cpus-per-worker") if args.workers else nullcontext()
+    with session:
+        scores = score_model(args.model, tasks, args.shots, config, args.workers, args.cpus_per_worker, loaded,
+                             ablation=args.ablation, induction=induction)
+    files = write_scores(scores, args.out)
+    from editing_core.induction import top_heads
+
+    print(f"scored {scores.head.shape[0]} layers x {scores.head.shape[1]} heads on {len(tasks)} task(s) at shots "
+          f"{list(args.shots)} in {scores.seconds['gradient']:.1f} s ({args.workers or 'no'} Ray workers)")
+    print("most important heads (layer, head):", top_heads(scores.head, 5))
+    print("most important FFN layers:", [int(i) for i in scores.ffn.argsort(descending=True)[:5]])
+    if scores.ablation is not None:
+        print("Spearman(gradient, ablation NLL increase): heads %.3f, FFN %.3f; ablation cost %.1fx the gradient scores" % (
+            scores.ablation["spearman"]["heads_vs_nll_increase"], scores.ablation["spearman"]["ffn_vs_nll_increase"],
+            scores.ablation["cost_ratio"]))
+    if scores.induction is not None:
+        print("top induction heads:", top_heads(scores.induction.prefix_matching, 5), "overlap:", scores.overlap)
+    print("wrote " + ", ".join(str(f) for f in files))
+    return EXIT_OK
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from pipelines.analysis import prune_model, read_scores, write_pruning
+
+    for flag in ("heads", "ffn"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            raise UsageError(f"--{flag} must be a fraction in [0, 1], got {getattr(args, flag)}")
+    head_scores, ffn_scores, _ = read_scores(args.scores)
+    tasks, config = _analysis_tasks(args, args.eval)
+    _check_out_dir(args.out, args.force)
+    loaded = _load_model(args.model)
+    pruning = prune_model(loaded, tasks, args.shots, head_scores, ffn_scores, args.heads, args.ffn,
+                          args.curve_heads, args.curve_ffn, args.iterative, config)
+    files = write_pruning(pruning, args.out, f"pruning {args.model}")
+    if args.save_model:
+        with pruning.artifact.attached(loaded.model):
+            loaded.model.save_pretrained(args.out / "model")
+            loaded.tokenizer.save_pretrained(args.out / "model")
+        files.append(args.out / "model")
+    from pipelines.report import format_rows
+
+    print(format_rows(pruning.accuracy, columns=("task", "shots", "unpruned", "pruned")))
+    print("share removable within 1 point of accuracy:", pruning.removable)
+    print("wrote " + ", ".join(str(f) for f in files) + f" and the pruned model's edit artifact in {args.out / 'artifact'}")
     return EXIT_OK
 
 

@@ -41,8 +41,9 @@ from infra.tracking import (
     tracked_run,
 )
 from pipelines import report
-from pipelines.spec import PipelineSpec, load_pipeline
+from pipelines.spec import PipelineSpec, load_any_pipeline
 from tasks.model_worker import requests_to_dicts, start_model_worker
+from tasks.sharding import get_unwrapped as _get, ray_connected
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from editing_core.artifacts import EditArtifact
@@ -118,7 +119,11 @@ def run_pipeline(
     tracking_uri: MLflow tracking URI (None: $MLFLOW_TRACKING_URI, else ./mlruns.db).
     output_dir:   where the local run directory goes (default: ./runs).
     """
-    spec = spec_path if isinstance(spec_path, PipelineSpec) else load_pipeline(spec_path)
+    spec = spec_path if isinstance(spec_path, PipelineSpec) else load_any_pipeline(spec_path)
+    if not isinstance(spec, PipelineSpec):  # kind: prune
+        from pipelines.prune import run_prune_pipeline
+
+        return run_prune_pipeline(spec, address, tracking_uri, output_dir)
     inputs = _read_inputs(spec)
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
@@ -234,53 +239,10 @@ def file_sha256(path: Path) -> str:
 @contextmanager
 def ray_session(address: str | None, spec: PipelineSpec) -> Iterator[None]:
     """Use the caller's Ray session if there is one; else start (and later shut down) our own:
-    a local cluster, or a connection to `address`."""
-    import ray
-
-    if ray.is_initialized():
-        if address:
-            log.warning("Ray is already initialised by the caller; ignoring address %r", address)
-        _check_cpus(spec, strict=False)
+    a local cluster, or a connection to `address`. A local cluster too small for the model
+    worker is refused (ConfigError naming the spec's resources.cpus)."""
+    with ray_connected(address, spec.resources.cpus, f"{spec.source}: resources.cpus: the model worker", ConfigError):
         yield
-        return
-    local = not address and not os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"include_dashboard": False} if local else {}
-    log.info("starting Ray %s", "locally" if local else f"connection to {address or os.environ['RAY_ADDRESS']}")
-    ray.init(address=address or None, logging_level=logging.WARNING, **kwargs)
-    try:
-        _check_cpus(spec, strict=local)
-        yield
-    finally:
-        ray.shutdown()
-
-
-def _check_cpus(spec: PipelineSpec, strict: bool) -> None:
-    """Refuse (local cluster) or warn about (remote, may autoscale) a worker that cannot fit."""
-    import ray
-
-    available = ray.cluster_resources().get("CPU", 0.0)
-    if spec.resources.cpus <= available:
-        return
-    message = (
-        f"{spec.source}: resources.cpus: the model worker asks for {spec.resources.cpus:g} CPUs "
-        f"but the Ray cluster has {available:g}"
-    )
-    if strict:
-        raise ConfigError(message)
-    log.warning("%s; the worker waits until the cluster grows", message)
-
-
-def _get(ref: Any) -> Any:
-    """`ray.get`, re-raising an exception from the worker as itself (its Ray wrapper as the cause)."""
-    import ray
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, BaseException):
-            raise cause from exc
-        raise
 
 
 # ---------------------------------------------------------------------------------------

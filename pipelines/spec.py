@@ -108,6 +108,7 @@ class PipelineFile:
     model: str
     facts: str
     steps: tuple[Any, ...]
+    kind: str = "edit"
     heldout: str | None = None
     tracking: TrackingSpec = TrackingSpec()
     resources: ResourcesSpec = ResourcesSpec()
@@ -162,6 +163,9 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineSpec:
     source = Path(path)
     where = str(path)
     document = _read_yaml(source, where)
+    if document.get("kind", "edit") != "edit":
+        raise ConfigError(f"{where}: kind: {document['kind']!r}: this needs an edit pipeline (kind: edit); "
+                          "`editflow run` also runs kind: prune")
     raw = _load_section(PipelineFile, document, where, "")
     _check_text_field(raw.name, where, "name")
     _check_text_field(raw.model, where, "model")
@@ -183,6 +187,16 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineSpec:
         evaluate=evaluate, tracking=raw.tracking, resources=raw.resources, source=source.resolve(),
         registry=raw.registry,
     )
+
+
+def load_any_pipeline(path: str | os.PathLike[str]) -> Any:
+    """An edit pipeline (`PipelineSpec`) or, for `kind: prune`, a `pipelines.prune.PruneSpec`."""
+    document = _read_yaml(Path(path), str(path))
+    if document.get("kind", "edit") == "prune":
+        from pipelines.prune import load_prune_pipeline
+
+        return load_prune_pipeline(path, document)
+    return load_pipeline(path)
 
 
 def _read_yaml(path: Path, where: str) -> Mapping[str, Any]:
