@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -36,6 +37,7 @@ from editing_core.importance import (
     iterative_head_masks,
 )
 from tasks.importance import sharded_ablation, sharded_importance
+from tasks.sharding import worker_pool
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from editing_core.artifacts import WeightDeltaArtifact
@@ -95,22 +97,24 @@ def score_model(model_name: str, tasks: Sequence[Task], shots_list: Sequence[int
                 workers: int = 0, cpus_per_worker: float = 1.0, loaded: "LoadedModel | None" = None,
                 ablation: bool = False, induction: "InductionConfig | None" = None, top_k: int | None = None) -> ModelScores:
     """Gradient importance of every head and FFN on `tasks` at each shots count, over `workers`
-    Ray workers (0: this process, on `loaded`); optionally the exact ablation reference (its
+    Ray workers (0: this process, on `loaded`; the workers load the model once for both
+    scorings); optionally the exact ablation reference (its
     Spearman correlation with the gradient scores and its cost) and induction-head scores (their
     top-k overlap with the top-k important heads; k defaults to a tenth of all heads)."""
     if not tasks:
         raise ValueError("no tasks to score")
-    started = time.perf_counter()
-    by_key = sharded_importance(model_name, tasks, shots_list, config, workers, cpus_per_worker, loaded)
-    seconds = {"gradient": time.perf_counter() - started}
-    total = ImportanceSums.reduce(list(by_key.values()))
-    scores = ModelScores(model_name, [t.name for t in tasks], list(shots_list), config, workers,
-                         total.head_scores(), total.ffn_scores(), by_key, seconds)
-    if ablation:
+    with worker_pool(model_name, workers, cpus_per_worker) if workers else nullcontext() as pool:
         started = time.perf_counter()
-        parts = sharded_ablation(model_name, tasks, shots_list, config, workers, cpus_per_worker, loaded)
-        seconds["ablation"] = time.perf_counter() - started
-        scores.ablation = _ablation_summary(list(parts.values()), scores, seconds)
+        by_key = sharded_importance(model_name, tasks, shots_list, config, workers, cpus_per_worker, loaded, pool)
+        seconds = {"gradient": time.perf_counter() - started}
+        total = ImportanceSums.reduce(list(by_key.values()))
+        scores = ModelScores(model_name, [t.name for t in tasks], list(shots_list), config, workers,
+                             total.head_scores(), total.ffn_scores(), by_key, seconds)
+        if ablation:
+            started = time.perf_counter()
+            parts = sharded_ablation(model_name, tasks, shots_list, config, workers, cpus_per_worker, loaded, pool)
+            seconds["ablation"] = time.perf_counter() - started
+            scores.ablation = _ablation_summary(list(parts.values()), scores, seconds)
     if induction is not None:
         from editing_core.induction import induction_scores, overlap, top_heads
 

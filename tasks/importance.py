@@ -22,7 +22,7 @@ from editing_core.importance import (
     select_rows,
 )
 
-from .sharding import run_sharded
+from .sharding import WorkerPool, run_sharded
 
 Key = tuple[str, int]  # (task name, shots)
 
@@ -75,16 +75,23 @@ def _options(config: ImportanceConfig, workers: int) -> dict:
 
 
 def sharded_importance(model_name: str, tasks: Sequence[Task], shots_list: Sequence[int], config: ImportanceConfig,
-                       workers: int, cpus_per_worker: float = 1.0, loaded: Any = None) -> dict[Key, ImportanceSums]:
-    """Gradient importance sums per (task, shots) over `workers` Ray workers (0: this process)."""
+                       workers: int, cpus_per_worker: float = 1.0, loaded: Any = None,
+                       pool: WorkerPool | None = None) -> dict[Key, ImportanceSums]:
+    """Gradient importance sums per (task, shots) over `workers` Ray workers (0: this process;
+    `pool`: these already started workers)."""
     items = score_items(tasks, shots_list, config)
+    if pool is not None:
+        return _merged(pool.run(importance_shard, items, _options(config, len(pool.actors)), config.progress))
     partials = run_sharded(model_name, importance_shard, items, _options(config, workers), workers, cpus_per_worker, loaded, config.progress)
     return _merged(partials)
 
 
 def sharded_ablation(model_name: str, tasks: Sequence[Task], shots_list: Sequence[int], config: ImportanceConfig,
-                     workers: int, cpus_per_worker: float = 1.0, loaded: Any = None) -> dict[Key, AblationScores]:
-    """Exact ablation scores per (task, shots) over `workers` Ray workers (0: this process)."""
+                     workers: int, cpus_per_worker: float = 1.0, loaded: Any = None,
+                     pool: WorkerPool | None = None) -> dict[Key, AblationScores]:
+    """Exact ablation scores per (task, shots), sharded like `sharded_importance`."""
     items = score_items(tasks, shots_list, config)
+    if pool is not None:
+        return _merged(pool.run(ablation_shard, items, _options(config, len(pool.actors)), config.progress))
     partials = run_sharded(model_name, ablation_shard, items, _options(config, workers), workers, cpus_per_worker, loaded, config.progress)
     return _merged(partials)

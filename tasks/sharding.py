@@ -82,11 +82,55 @@ def ray_connected(address: str | None = None, cpus_needed: float = 0.0, what: st
             ray.shutdown()
 
 
+class WorkerPool:
+    """`workers` ShardWorker actors that stay loaded between calls (see `worker_pool`)."""
+
+    def __init__(self, model_name: str, workers: int, cpus_per_worker: float = 1.0) -> None:
+        import ray
+
+        if workers < 1:
+            raise ValueError(f"a worker pool needs at least 1 worker, got {workers}")
+        actor = ray.remote(ShardWorker).options(num_cpus=cpus_per_worker, max_restarts=0)
+        self.actors = [actor.remote(model_name, max(1, int(cpus_per_worker))) for _ in range(workers)]
+
+    def run(self, scorer: Scorer, items: Sequence[Any], options: dict, progress: bool = True) -> list[Any]:
+        """The scorer's partial results over round-robin shards of `items`, one per non-empty shard."""
+        import ray
+
+        shards = split_round_robin(items, len(self.actors))
+        pending = {actor.score.remote(scorer, shard, options): i for i, (actor, shard) in enumerate(zip(self.actors, shards))}
+        results: list[Any] = [None] * len(shards)
+        with tqdm(total=len(shards), desc=f"{len(shards)} Ray worker(s)", unit="shard", disable=not progress) as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                results[pending.pop(done[0])] = get_unwrapped(done[0])
+                bar.update()
+        return results
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+@contextmanager
+def worker_pool(model_name: str, workers: int, cpus_per_worker: float = 1.0) -> Iterator[WorkerPool]:
+    """Start `workers` Ray actors that each load the model once; killed on exit. Ray must be
+    initialised."""
+    pool = WorkerPool(model_name, workers, cpus_per_worker)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
 def run_sharded(model_name: str, scorer: Scorer, items: Sequence[Any], options: dict, workers: int,
                 cpus_per_worker: float = 1.0, loaded: Any = None, progress: bool = True) -> list[Any]:
     """The scorer's partial results over `workers` round-robin shards of `items` (one result
     per non-empty shard, in shard order). workers=0: one shard, scored in this process on
-    `loaded` (or a model loaded here). Ray must be initialised when workers >= 1."""
+    `loaded` (or a model loaded here). Ray must be initialised when workers >= 1; the workers
+    live for this call only (use `worker_pool` to keep them for several)."""
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0: in this process), got {workers}")
     if workers == 0:
@@ -95,24 +139,8 @@ def run_sharded(model_name: str, scorer: Scorer, items: Sequence[Any], options: 
 
             loaded = load_model(model_name)
         return [scorer(loaded, list(items), options)]
-    import ray
-
-    shards = split_round_robin(items, workers)
-    actor = ray.remote(ShardWorker).options(num_cpus=cpus_per_worker, max_restarts=0)
-    actors = [actor.remote(model_name, max(1, int(cpus_per_worker))) for _ in shards]
-    try:
-        pending = {actor.score.remote(scorer, shard, options): i for i, (actor, shard) in enumerate(zip(actors, shards))}
-        results: list[Any] = [None] * len(shards)
-        with tqdm(total=len(shards), desc=f"{len(shards)} Ray worker(s)", unit="shard", disable=not progress) as bar:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                index = pending.pop(done[0])
-                results[index] = get_unwrapped(done[0])
-                bar.update()
-        return results
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    with worker_pool(model_name, min(workers, max(1, len(items))), cpus_per_worker) as pool:
+        return pool.run(scorer, items, options, progress)
 
 
 def get_unwrapped(ref: Any) -> Any:

@@ -185,3 +185,8 @@ def test_score_model_needs_tasks() -> None:
 
 def test_tiny_vocabulary_has_the_cities() -> None:  # the tasks above must not be [UNK] soup
     assert set(CITIES) <= set(WORDS)
+
+
+def test_the_example_prune_pipeline_loads() -> None:
+    spec = load_any_pipeline(Path(__file__).resolve().parents[2] / "pipelines" / "examples" / "prune_smollm2.yaml")
+    assert spec.pipeline.workers == 2 and spec.pipeline.model == "smollm2-135m" and len(spec.tasks) == 4
