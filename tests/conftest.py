@@ -6,6 +6,10 @@ an edited model behind for the next one.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Callable
+
 import pytest
 import torch
 
@@ -49,3 +53,33 @@ def same_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
     return current.keys() == state.keys() and all(
         current[k].dtype == state[k].dtype and torch.equal(current[k], state[k]) for k in state
     )
+
+
+CITIES = "Paris Rome London Berlin Madrid Tokyo Lisbon Vienna Oslo Cairo".split()  # all in the tiny vocabulary
+
+
+def _write_copy_task(directory: Path, examples: int = 5) -> Path:
+    """A k-shot task file `copy.jsonl` in `directory` ("Repeat the word ." over city names,
+    `examples` examples per row); returns the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"instruction": "Repeat the word .",
+             "examples": [{"input": w, "answer": w} for w in CITIES if w != query][:examples], "query": query, "answer": query}
+            for query in CITIES]
+    (directory / "copy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return directory
+
+
+@pytest.fixture
+def copy_task() -> Callable[..., Path]:
+    """`copy_task(directory, examples=5)` writes a tiny-vocabulary task file (see _write_copy_task)."""
+    return _write_copy_task
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Llama (seed 0) saved as a local model directory (for the CLI and Ray workers)."""
+    loaded = tiny_model("llama", seed=0)
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return str(path)

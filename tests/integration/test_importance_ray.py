@@ -6,51 +6,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 import yaml
 
 from editing_core.importance import ImportanceConfig, ImportanceSums, load_tasks, shipped_tasks_dir
-from editing_core.models.tiny import tiny_model
 from pipelines.cli import main
 from pipelines.runner import run_pipeline
 from tasks.importance import sharded_importance
 
 pytestmark = pytest.mark.integration
 
-CITIES = "Paris Rome London Berlin Madrid Tokyo Lisbon Vienna Oslo Cairo".split()
-
-
-def write_task(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = [{"instruction": "Repeat the word .",
-             "examples": [{"input": w, "answer": w} for w in CITIES if w != query][:5], "query": query, "answer": query}
-            for query in CITIES]
-    (directory / "copy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    loaded = tiny_model("llama", seed=0)
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    loaded.model.save_pretrained(path)
-    loaded.tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_sharded_scores_equal_in_process_for_1_2_3_workers(tiny_dir: str, tmp_path: Path, local_ray: None) -> None:
-    tasks = load_tasks(write_task(tmp_path / "tasks"))
+def test_sharded_scores_equal_in_process_for_1_2_3_workers(copy_task: Callable[..., Path], tiny_llama_dir: str, tmp_path: Path, local_ray: None) -> None:
+    tasks = load_tasks(copy_task(tmp_path / "tasks"))
     config = ImportanceConfig(batch_size=4)
-    reference = ImportanceSums.reduce(list(sharded_importance(tiny_dir, tasks, (0, 1), config, workers=0).values()))
+    reference = ImportanceSums.reduce(list(sharded_importance(tiny_llama_dir, tasks, (0, 1), config, workers=0).values()))
     for workers in (1, 2, 3):
         # 3 workers x 0.5 CPU fit the 2-CPU test cluster
-        by_key = sharded_importance(tiny_dir, tasks, (0, 1), config, workers=workers, cpus_per_worker=0.5)
+        by_key = sharded_importance(tiny_llama_dir, tasks, (0, 1), config, workers=workers, cpus_per_worker=0.5)
         assert set(by_key) == {("copy", 0), ("copy", 1)}
         total = ImportanceSums.reduce(list(by_key.values()))
         assert total.rows == reference.rows and total.tokens == reference.tokens
@@ -77,12 +56,12 @@ def test_importance_command_on_smollm2_with_two_workers(tmp_path: Path, local_ra
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_prune_pipeline_logs_scores_curves_and_pruned_model(tiny_dir: str, chdir_tmp: Path, mlflow_server: str,
+def test_prune_pipeline_logs_scores_curves_and_pruned_model(copy_task: Callable[..., Path], tiny_llama_dir: str, chdir_tmp: Path, mlflow_server: str,
                                                             local_ray: None) -> None:
     from mlflow import MlflowClient
 
-    write_task(chdir_tmp / "tasks")
-    spec = {"kind": "prune", "name": "prune-tiny", "model": tiny_dir, "tasks": "tasks", "shots": [0, 1],
+    copy_task(chdir_tmp / "tasks")
+    spec = {"kind": "prune", "name": "prune-tiny", "model": tiny_llama_dir, "tasks": "tasks", "shots": [0, 1],
             "workers": 2, "cpus_per_worker": 0.5, "heads": 0.5, "ffn": 0.5, "curve_heads": [0.25, 0.5],
             "curve_ffn": [0.5], "ablation": True, "induction": True, "tracking": {"experiment": "it-prune"}}
     path = chdir_tmp / "prune.yaml"

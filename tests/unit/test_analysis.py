@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -15,35 +16,12 @@ import yaml
 from editing_core.artifacts import load_artifact
 from editing_core.config import ConfigError
 from editing_core.importance import ImportanceConfig, load_tasks, removable_share, spearman
-from editing_core.models.tiny import WORDS, tiny_model
+from editing_core.models.tiny import tiny_model
 from pipelines.analysis import pruning_grid, read_scores, score_model
 from pipelines.cli import main
 from pipelines.spec import load_any_pipeline, load_pipeline
 from tasks.importance import importance_shard, score_items
 from tasks.sharding import run_sharded, split_round_robin
-
-CITIES = "Paris Rome London Berlin Madrid Tokyo Lisbon Vienna Oslo Cairo".split()
-
-
-def write_task(directory: Path, name: str = "copy", examples: int = 5) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for query in CITIES:
-        others = [c for c in CITIES if c != query][:examples]
-        rows.append({"instruction": "Repeat the word .", "examples": [{"input": w, "answer": w} for w in others],
-                     "query": query, "answer": query})
-    (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    loaded = tiny_model("llama", seed=0)
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    loaded.model.save_pretrained(path)
-    loaded.tokenizer.save_pretrained(path)
-    return str(path)
-
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = main(argv)
@@ -60,9 +38,9 @@ def test_round_robin_shards_cover_every_item_once() -> None:
         split_round_robin(items, 0)
 
 
-def test_shard_sums_add_up_to_the_in_process_scores(tmp_path: Path) -> None:
+def test_shard_sums_add_up_to_the_in_process_scores(copy_task: Callable[..., Path], tmp_path: Path) -> None:
     loaded = tiny_model("llama")
-    tasks = load_tasks(write_task(tmp_path / "tasks"))
+    tasks = load_tasks(copy_task(tmp_path / "tasks"))
     config = ImportanceConfig(batch_size=3)
     items = score_items(tasks, (0, 1), config)
     whole = importance_shard(loaded, items, {"shots": 0, "batch_size": 3, "max_rows": None, "progress": False})
@@ -80,8 +58,8 @@ def test_shard_sums_add_up_to_the_in_process_scores(tmp_path: Path) -> None:
     assert len(in_process) == 1 and set(in_process[0]) == set(whole)
 
 
-def test_score_items_refuse_more_shots_than_examples(tmp_path: Path) -> None:
-    tasks = load_tasks(write_task(tmp_path / "tasks", examples=2))
+def test_score_items_refuse_more_shots_than_examples(copy_task: Callable[..., Path], tmp_path: Path) -> None:
+    tasks = load_tasks(copy_task(tmp_path / "tasks", examples=2))
     with pytest.raises(ValueError, match="5 shots asked"):
         score_items(tasks, (0, 5), ImportanceConfig())
 
@@ -107,10 +85,10 @@ def test_spearman_ranks_ties_and_constant_tables() -> None:
     assert math.isnan(spearman(torch.ones(4), torch.arange(4.0)))
 
 
-def test_importance_and_prune_commands(tiny_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    tasks = write_task(tmp_path / "tasks")
+def test_importance_and_prune_commands(copy_task: Callable[..., Path], tiny_llama_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tasks = copy_task(tmp_path / "tasks")
     scores_dir, pruned_dir = tmp_path / "scores", tmp_path / "pruned"
-    code, out, err = run(["importance", "--model", tiny_dir, "--tasks", str(tasks), "--shots", "0,1", "--ablation",
+    code, out, err = run(["importance", "--model", tiny_llama_dir, "--tasks", str(tasks), "--shots", "0,1", "--ablation",
                           "--induction", "--out", str(scores_dir)], capsys)
     assert code == 0, err
     document = json.loads((scores_dir / "importance.json").read_text())
@@ -122,7 +100,7 @@ def test_importance_and_prune_commands(tiny_dir: str, tmp_path: Path, capsys: py
     head, ffn, _ = read_scores(scores_dir)
     assert head.shape == (2, 4) and ffn.shape == (2,)
 
-    code, out, err = run(["prune", "--model", tiny_dir, "--scores", str(scores_dir), "--eval", str(tasks), "--shots", "0,1",
+    code, out, err = run(["prune", "--model", tiny_llama_dir, "--scores", str(scores_dir), "--eval", str(tasks), "--shots", "0,1",
                           "--heads", "0.5", "--ffn", "0.5", "--curve-heads", "0.25,0.5", "--curve-ffn", "0.5",
                           "--out", str(pruned_dir)], capsys)
     assert code == 0, err
@@ -135,16 +113,16 @@ def test_importance_and_prune_commands(tiny_dir: str, tmp_path: Path, capsys: py
     assert artifact.meta.method == "prune" and artifact.meta.config == pruned["removed"]
 
 
-def test_prune_command_input_errors(tiny_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    tasks = write_task(tmp_path / "tasks", examples=1)
-    code, _, err = run(["importance", "--model", tiny_dir, "--tasks", str(tasks), "--shots", "0,5", "--out", str(tmp_path / "o")], capsys)
+def test_prune_command_input_errors(copy_task: Callable[..., Path], tiny_llama_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tasks = copy_task(tmp_path / "tasks", examples=1)
+    code, _, err = run(["importance", "--model", tiny_llama_dir, "--tasks", str(tasks), "--shots", "0,5", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "task copy: --shots 5 needs that many examples per row; it has 1" in err
-    code, _, err = run(["prune", "--model", tiny_dir, "--scores", str(tmp_path / "nothing"), "--out", str(tmp_path / "p")], capsys)
+    code, _, err = run(["prune", "--model", tiny_llama_dir, "--scores", str(tmp_path / "nothing"), "--out", str(tmp_path / "p")], capsys)
     assert code == 2 and "no importance scores here" in err
     (tmp_path / "bad.jsonl").write_text('{"instruction": "x", "examples": [], "query": "Paris", "answer": ""}\n')
     (tmp_path / "badtasks").mkdir()
     (tmp_path / "bad.jsonl").rename(tmp_path / "badtasks" / "bad.jsonl")
-    code, _, err = run(["importance", "--model", tiny_dir, "--tasks", str(tmp_path / "badtasks"), "--shots", "0",
+    code, _, err = run(["importance", "--model", tiny_llama_dir, "--tasks", str(tmp_path / "badtasks"), "--shots", "0",
                         "--out", str(tmp_path / "o2")], capsys)
     assert code == 2 and "bad.jsonl row 1" in err and "'answer'" in err
 
@@ -156,8 +134,8 @@ def write_prune_yaml(directory: Path, **fields: object) -> Path:
     return path
 
 
-def test_prune_pipeline_spec_loads_and_names_bad_fields(tmp_path: Path) -> None:
-    write_task(tmp_path / "tasks")
+def test_prune_pipeline_spec_loads_and_names_bad_fields(copy_task: Callable[..., Path], tmp_path: Path) -> None:
+    copy_task(tmp_path / "tasks")
     spec = load_any_pipeline(write_prune_yaml(tmp_path, tasks="tasks", heads=0.3))
     assert spec.pipeline.heads == 0.3 and [t.name for t in spec.tasks] == ["copy"]
     assert spec.importance_config().shots == 0
@@ -183,10 +161,13 @@ def test_score_model_needs_tasks() -> None:
         score_model("tiny", [], (0,), ImportanceConfig(), loaded=tiny_model("llama"))
 
 
-def test_tiny_vocabulary_has_the_cities() -> None:  # the tasks above must not be [UNK] soup
-    assert set(CITIES) <= set(WORDS)
-
-
 def test_the_example_prune_pipeline_loads() -> None:
     spec = load_any_pipeline(Path(__file__).resolve().parents[2] / "pipelines" / "examples" / "prune_smollm2.yaml")
     assert spec.pipeline.workers == 2 and spec.pipeline.model == "smollm2-135m" and len(spec.tasks) == 4
+
+
+def test_the_copy_task_is_in_the_tiny_vocabulary(copy_task: Callable[..., Path], tmp_path: Path) -> None:
+    from editing_core.models.tiny import WORDS
+
+    rows = load_tasks(copy_task(tmp_path))[0].rows
+    assert {row.query for row in rows} <= set(WORDS)  # not [UNK] soup
