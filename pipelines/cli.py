@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_verbosity(parser, on_subcommand=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_validate, _add_edit, _add_eval, _add_stream, _add_importance, _add_prune, _add_run, _add_demo, _add_edits, _add_serve, _add_submit, _add_jobs,
+    for add in (_add_validate, _add_edit, _add_eval, _add_stream, _add_saliency, _add_importance, _add_prune, _add_run, _add_demo, _add_edits, _add_serve, _add_submit, _add_jobs,
                 _add_schedule, _add_scheduler):
         add(commands)
     return parser
@@ -166,6 +166,36 @@ def _add_analysis_inputs(sub: argparse.ArgumentParser, tasks_flag: str) -> None:
     sub.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per forward pass (default: 8)")
     sub.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     sub.add_argument("--force", action="store_true", help="write into an existing non-empty --out directory")
+
+
+def _add_saliency(commands: Any) -> None:
+    sub = _subparser(
+        commands, "saliency", "find the layer to edit: gradient saliency per layer (SaLEM)",
+        "SaLEM layer saliency (salient-layers editing, EACL 2024). The edit dataset of FILE:\n"
+        "fail samples (prompt -> target_new), adapt samples (each rephrase -> target_new) and\n"
+        "pass samples (prompts the model already answers right: the locality prompts with the\n"
+        "model's own greedy answer, or the --heldout pairs it gets right). For every sample, the mean\n"
+        "|gradient| of the loss w.r.t. each --roles weight of every layer; a layer's score is the\n"
+        "mean over its roles and samples (all three groups); the highest is the layer to edit.\n"
+        "Samples are sharded across --workers Ray workers (0: this process) that return sums, so\n"
+        "the scores do not depend on the worker count; the workers build the model from one copy\n"
+        "of the weights in the Ray object store. Writes DIR/saliency.json (scores per layer, role\n"
+        "and group, the chosen layer, counts, seconds) and DIR/saliency.png.\n\n"
+        "example:\n  editflow saliency --model smollm2-135m --facts facts.jsonl --workers 2 --out analysis/saliency",
+    )
+    _add_model(sub)
+    _add_facts(sub)
+    sub.add_argument("--heldout", type=Path, metavar="FILE",
+                     help="facts file of (prompt, target_new) pairs for the pass samples, kept where the model gets them "
+                          "right (default: the facts' locality prompts with the model's own answers)")
+    sub.add_argument("--roles", default="mlp_in,mlp_out,attn_out", metavar="R1,R2",
+                     help="weights scored in every layer (default: mlp_in,mlp_out,attn_out)")
+    sub.add_argument("--workers", type=int, default=0, metavar="N", help="Ray workers (default: 0, this process)")
+    sub.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs (and torch threads) per Ray worker (default: 1)")
+    sub.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: a local cluster)")
+    sub.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    sub.add_argument("--force", action="store_true", help="write into an existing non-empty --out directory")
+    sub.set_defaults(handler=_cmd_saliency)
 
 
 def _add_importance(commands: Any) -> None:
@@ -569,6 +599,51 @@ def _analysis_tasks(args: argparse.Namespace, directory: Path | None) -> tuple[l
             raise UsageError(f"task {task.name}: --shots {max(args.shots)} needs that many examples per row; it has {task.max_shots}")
     config = ImportanceConfig(shots=args.shots[0], batch_size=args.batch_size, max_rows=args.max_rows, progress=True)
     return tasks, config
+
+
+def _cmd_saliency(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from editing_core.data import load_facts
+    from editing_core.saliency import SaliencyConfig, build_samples, count_groups, write_saliency
+    from tasks.saliency import sharded_saliency
+    from tasks.sharding import ray_connected
+
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0 (0: this process), got {args.workers}")
+    requests = load_facts(args.facts)  # bad facts fail before anything loads
+    held = load_facts(args.heldout) if args.heldout else None
+    try:
+        config = SaliencyConfig(roles=tuple(part.strip() for part in args.roles.split(",") if part.strip()), progress=True)
+    except ValueError as exc:
+        raise UsageError(f"--roles: {exc}") from None
+    _check_out_dir(args.out, args.force)
+    loaded = _load_model(args.model)  # the driver needs it for the pass samples' answers
+    _check_lengths(loaded, [*requests, *(held or [])])
+    started = time.perf_counter()
+    samples = build_samples(loaded, requests, [(r.prompt, r.target_new) for r in held] if held is not None else None)
+    seconds = {"samples": time.perf_counter() - started}
+    counts = count_groups(samples)
+    log.info("edit dataset: %s", ", ".join(f"{n} {group}" for group, n in counts.items()))
+    session = ray_connected(args.address, args.workers * args.cpus_per_worker, "--workers x --cpus-per-worker") if args.workers else nullcontext()
+    with session:
+        started = time.perf_counter()
+        sums = sharded_saliency(args.model, samples, config, args.workers, args.cpus_per_worker, loaded, share_weights=True)
+        seconds["gradients"] = time.perf_counter() - started
+    files = write_saliency(sums, args.out, f"saliency of {args.model}", model=args.model, facts=str(args.facts),
+                           heldout=str(args.heldout) if args.heldout else None,
+                           pass_source="heldout" if held is not None else "locality", workers=args.workers,
+                           cpus_per_worker=args.cpus_per_worker, weights_from="object store" if args.workers else "driver",
+                           seconds=seconds)
+    scores = sums.scores()
+    layers = scores.layer_scores
+    print(f"scored {len(samples)} samples ({', '.join(f'{n} {g}' for g, n in counts.items())}) on {sums.num_layers} layers x "
+          f"{len(config.roles)} roles in {seconds['gradients']:.1f} s ({args.workers or 'no'} Ray workers)")
+    print(f"most salient layer: {scores.chosen_layer} (score {float(layers[scores.chosen_layer]):.4g}); next: "
+          + ", ".join(f"{int(i)} ({float(layers[i]):.4g})" for i in layers.argsort(descending=True)[1:5]))
+    print("per group:", ", ".join(f"{g} layer {s.chosen_layer}" for g, s in scores.by_group.items()))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return EXIT_OK
 
 
 def _cmd_importance(args: argparse.Namespace) -> int:

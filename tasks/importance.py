@@ -8,7 +8,7 @@ ablation reference, both as {(task name, shots): sums}.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from editing_core.importance import (
@@ -22,7 +22,7 @@ from editing_core.importance import (
     select_rows,
 )
 
-from .sharding import WorkerPool, run_sharded
+from .sharding import WorkerPool, run_sharded, scorer_options
 
 Key = tuple[str, int]  # (task name, shots)
 
@@ -69,11 +69,6 @@ def _merged(partials: Sequence[dict[Key, Any]]) -> dict[Key, Any]:
     return total
 
 
-def _options(config: ImportanceConfig, workers: int) -> dict:
-    # progress bars inside Ray workers would interleave: the driver shows one over the shards
-    return {**asdict(config), "progress": config.progress and workers == 0}
-
-
 def sharded_importance(model_name: str, tasks: Sequence[Task], shots_list: Sequence[int], config: ImportanceConfig,
                        workers: int, cpus_per_worker: float = 1.0, loaded: Any = None,
                        pool: WorkerPool | None = None) -> dict[Key, ImportanceSums]:
@@ -81,8 +76,8 @@ def sharded_importance(model_name: str, tasks: Sequence[Task], shots_list: Seque
     `pool`: these already started workers)."""
     items = score_items(tasks, shots_list, config)
     if pool is not None:
-        return _merged(pool.run(importance_shard, items, _options(config, len(pool.actors)), config.progress))
-    partials = run_sharded(model_name, importance_shard, items, _options(config, workers), workers, cpus_per_worker, loaded, config.progress)
+        return _merged(pool.run(importance_shard, items, scorer_options(config, len(pool.actors)), config.progress))
+    partials = run_sharded(model_name, importance_shard, items, scorer_options(config, workers), workers, cpus_per_worker, loaded, config.progress)
     return _merged(partials)
 
 
@@ -92,6 +87,6 @@ def sharded_ablation(model_name: str, tasks: Sequence[Task], shots_list: Sequenc
     """Exact ablation scores per (task, shots), sharded like `sharded_importance`."""
     items = score_items(tasks, shots_list, config)
     if pool is not None:
-        return _merged(pool.run(ablation_shard, items, _options(config, len(pool.actors)), config.progress))
-    partials = run_sharded(model_name, ablation_shard, items, _options(config, workers), workers, cpus_per_worker, loaded, config.progress)
+        return _merged(pool.run(ablation_shard, items, scorer_options(config, len(pool.actors)), config.progress))
+    partials = run_sharded(model_name, ablation_shard, items, scorer_options(config, workers), workers, cpus_per_worker, loaded, config.progress)
     return _merged(partials)

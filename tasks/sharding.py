@@ -27,6 +27,16 @@ Item = TypeVar("Item")
 Scorer = Callable[[Any, list, dict], Any]
 
 
+def scorer_options(config: Any, workers: int) -> dict:
+    """A scorer's config dataclass as the plain options sent to the workers. Progress bars
+    inside Ray workers would interleave: there the driver shows one over the shards instead."""
+    from dataclasses import asdict
+
+    options = asdict(config)
+    options["progress"] = bool(options.get("progress")) and workers == 0
+    return options
+
+
 def split_round_robin(items: Sequence[Item], parts: int) -> list[list[Item]]:
     """`parts` shards of `items`, item i in shard i % parts: each shard gets a like mix of
     items (short and long prompts alike), so the workers finish together. Empty shards dropped."""

@@ -7,11 +7,14 @@ mlflow_servers: a factory for servers a test starts and stops itself.
 local_ray (module): `ray.init(num_cpus=2, include_dashboard=False)`, shut down at teardown.
 free_port: a free TCP port on 127.0.0.1.
 smollm2_available: skips a test when the default model's package is not installed.
+counterfact_rows: `counterfact_rows(n, split="train")`, the first n rows of ../shared/data's
+    CounterFact split with distinct prompts.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -25,6 +28,7 @@ from typing import Callable, Iterator
 import pytest
 
 SERVER_START_TIMEOUT_S = 120
+SHARED_DATA = Path(os.environ.get("EDITFLOW_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 def _free_port() -> int:
@@ -135,3 +139,20 @@ def chdir_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run the test from an empty directory so nothing lands in the checkout (./runs, ./mlruns.db)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def _counterfact_rows(n: int, split: str = "train") -> list[dict]:
+    rows, seen = [], set()
+    for row in json.loads((SHARED_DATA / "counterfact" / f"{split}.json").read_text(encoding="utf-8")):
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+        if len(rows) == n:
+            return rows
+    raise AssertionError(f"not enough CounterFact {split} rows with distinct prompts")
+
+
+@pytest.fixture(scope="session")
+def counterfact_rows() -> Callable[..., list[dict]]:
+    """`counterfact_rows(n, split="train")`: the first n CounterFact rows with distinct prompts."""
+    return _counterfact_rows

@@ -5,8 +5,8 @@ reloads, answers the edits and forgets one by id while keeping the others."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -19,23 +19,12 @@ from pipelines.runner import run_pipeline
 
 pytestmark = pytest.mark.integration
 
-SHARED_DATA = Path(os.environ.get("EDITFLOW_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 N_EDITS = 50
 
 
-def counterfact_rows(n: int) -> list[dict]:
-    rows, seen = [], set()
-    for row in json.loads((SHARED_DATA / "counterfact" / "train.json").read_text(encoding="utf-8")):
-        if row["prompt"] not in seen:
-            seen.add(row["prompt"])
-            rows.append(row)
-        if len(rows) == n:
-            return rows
-    raise AssertionError("not enough CounterFact rows")
-
-
 def test_fifty_sequential_grace_edits_keep_retention_and_log_curves(
-    chdir_tmp: Path, mlflow_server: str, local_ray: None, smollm2_available: None
+    chdir_tmp: Path, mlflow_server: str, local_ray: None, smollm2_available: None,
+    counterfact_rows: Callable[..., list[dict]],
 ) -> None:
     from mlflow import MlflowClient
 
