@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--ablation-shots", type=int, default=5)
     parser.add_argument("--iterative", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--throughput-only", action="store_true", help="only part 1 (e.g. again with --threads 1)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--out", type=Path, default=Path("docs/results/importance"))
     args = parser.parse_args()
@@ -89,6 +90,9 @@ def main() -> None:
     if not args.skip_throughput:
         results["throughput"] = throughput(tasks, shots, config, loaded, args.threads)
         print(json.dumps({"throughput": results["throughput"]}), flush=True)
+    if args.throughput_only:
+        _write(args.json, results)
+        return
 
     subset = [t for t in tasks if t.name == args.ablation_task]
     small = ImportanceConfig(shots=args.ablation_shots, batch_size=args.batch_size, max_rows=args.ablation_rows, progress=True)
@@ -114,9 +118,13 @@ def main() -> None:
                                        "curve": pruning.curve}
         plot_pruning_curves(pruning.curve, args.out / f"curves_{label}.png", f"pruning {MODEL} ({label.replace('_', ' ')})")
         print(json.dumps({label: pruning.removable}), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    _write(args.json, results)
+
+
+def _write(path: Path | None, results: dict[str, Any]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
