@@ -44,6 +44,7 @@ from .models.loading import LoadedModel
 from .tokens import CompletionBatch, completion_batch
 
 TASKS_DIRNAME = "importance_tasks"
+RANKINGS = ("gradient", "taylor")  # see ImportanceSums.ranking_scores
 ROW_FIELDS = ("instruction", "examples", "query", "answer")
 
 
@@ -448,6 +449,23 @@ class ImportanceSums:
         """(L,): mean over tokens of |s_t| per FFN block."""
         return self.ffn_abs_sum / max(self.tokens, 1)
 
+    def head_taylor(self) -> torch.Tensor:
+        """(L, H): first-order (Taylor) estimate of how much removing each head alone raises the
+        loss per row: gate 1 -> 0 changes L by about -dL/dgate (Molchanov et al. 2019). Signed:
+        a negative value predicts the head hurts the task."""
+        return -self.head_sum / max(self.rows, 1)
+
+    def ffn_taylor(self) -> torch.Tensor:
+        """(L,): the same first-order estimate per FFN block."""
+        return -self.ffn_sum / max(self.rows, 1)
+
+    def ranking_scores(self, rank_by: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head, FFN) scores to rank units by: "gradient" (mean |z . dL/dz| per token, Michel
+        et al.) or "taylor" (`head_taylor`, `ffn_taylor`)."""
+        if rank_by not in RANKINGS:
+            raise ValueError(f"unknown ranking {rank_by!r}; rankings: {', '.join(RANKINGS)}")
+        return (self.head_taylor(), self.ffn_taylor()) if rank_by == "taylor" else (self.head_scores(), self.ffn_scores())
+
     @property
     def accuracy(self) -> float:
         return self.correct / self.rows if self.rows else float("nan")
@@ -676,7 +694,8 @@ def prune_masks(head_scores: torch.Tensor, ffn_scores: torch.Tensor, heads: floa
 
 
 def iterative_head_masks(loaded: LoadedModel, rows: Sequence[TaskRow], shots: int | None,
-                         steps: Sequence[float], config: ImportanceConfig | None = None) -> list[torch.Tensor]:
+                         steps: Sequence[float], config: ImportanceConfig | None = None,
+                         rank_by: str = "gradient") -> list[torch.Tensor]:
     """Prune heads step by step: `steps` are increasing cumulative fractions of all heads; before
     each step the heads are rescored with the current gates applied, and the heads removed so
     far stay removed. Returns the head gate (L, H) after each step."""
@@ -686,7 +705,7 @@ def iterative_head_masks(loaded: LoadedModel, rows: Sequence[TaskRow], shots: in
     gate = torch.ones(adapter.num_layers, adapter.num_heads)
     masks = []
     for fraction in steps:
-        scores = importance_sums(loaded, rows, shots, config, head_gate=gate).head_scores()
+        scores = importance_sums(loaded, rows, shots, config, head_gate=gate).ranking_scores(rank_by)[0]
         scores[gate == 0] = -math.inf  # removed heads are the first to go again
         gate = _lowest_mask(scores, fraction)
         masks.append(gate.clone())

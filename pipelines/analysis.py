@@ -57,6 +57,8 @@ class ModelScores:
     """Importance of every head (L, H) and FFN (L,) over all tasks and shots, with what went in.
 
     head / ffn: mean over all scored tokens of |z . dL/dz| (the reduce of every (task, shots)).
+    head_taylor / ffn_taylor: first-order estimates of the loss increase per row when a unit
+        is removed alone (see ImportanceSums.head_taylor).
     by_key: the sums per (task, shots); ablation: the exact reference per (task, shots), if run.
     """
 
@@ -67,6 +69,8 @@ class ModelScores:
     workers: int
     head: torch.Tensor
     ffn: torch.Tensor
+    head_taylor: torch.Tensor
+    ffn_taylor: torch.Tensor
     by_key: dict[tuple[str, int], ImportanceSums]
     seconds: dict[str, float] = field(default_factory=dict)
     ablation: dict[str, Any] | None = None
@@ -78,6 +82,7 @@ class ModelScores:
             "model": self.model, "tasks": self.tasks, "shots": self.shots, "config": asdict(self.config),
             "workers": self.workers, "layers": self.head.shape[0], "heads": self.head.shape[1],
             "head_scores": self.head.tolist(), "ffn_scores": self.ffn.tolist(),
+            "head_taylor": self.head_taylor.tolist(), "ffn_taylor": self.ffn_taylor.tolist(),
             "by_task": [
                 {"task": task, "shots": shots, "rows": sums.rows, "accuracy": sums.accuracy,
                  "mean_nll": sums.nll_sum / max(sums.rows, 1),
@@ -109,7 +114,7 @@ def score_model(model_name: str, tasks: Sequence[Task], shots_list: Sequence[int
         seconds = {"gradient": time.perf_counter() - started}
         total = ImportanceSums.reduce(list(by_key.values()))
         scores = ModelScores(model_name, [t.name for t in tasks], list(shots_list), config, workers,
-                             total.head_scores(), total.ffn_scores(), by_key, seconds)
+                             total.head_scores(), total.ffn_scores(), total.head_taylor(), total.ffn_taylor(), by_key, seconds)
         if ablation:
             started = time.perf_counter()
             parts = sharded_ablation(model_name, tasks, shots_list, config, workers, cpus_per_worker, loaded, pool)
@@ -144,6 +149,10 @@ def _ablation_summary(parts: list[Any], scores: ModelScores, seconds: dict[str, 
             "heads_vs_accuracy_drop": spearman(scores.head, total.head_accuracy_drop),
             "ffn_vs_nll_increase": spearman(scores.ffn, total.ffn_nll_increase),
             "ffn_vs_accuracy_drop": spearman(scores.ffn, total.ffn_accuracy_drop),
+            "taylor_heads_vs_nll_increase": spearman(scores.head_taylor, total.head_nll_increase),
+            "taylor_heads_vs_accuracy_drop": spearman(scores.head_taylor, total.head_accuracy_drop),
+            "taylor_ffn_vs_nll_increase": spearman(scores.ffn_taylor, total.ffn_nll_increase),
+            "taylor_ffn_vs_accuracy_drop": spearman(scores.ffn_taylor, total.ffn_accuracy_drop),
         },
         "cost_ratio": seconds["ablation"] / max(seconds["gradient"], 1e-9),
     }
@@ -166,13 +175,15 @@ def write_scores(scores: ModelScores, out: Path) -> list[Path]:
     return files
 
 
-def read_scores(directory: Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(head scores (L, H), FFN scores (L,), the whole document) of an importance output dir."""
+def read_scores(directory: Path, rank_by: str = "gradient") -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(head scores (L, H), FFN scores (L,), the whole document) of an importance output dir;
+    rank_by: "gradient" (head_scores, ffn_scores) or "taylor" (head_taylor, ffn_taylor)."""
     path = directory / SCORES_JSON if directory.is_dir() else directory
+    keys = ("head_taylor", "ffn_taylor") if rank_by == "taylor" else ("head_scores", "ffn_scores")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-        head = torch.tensor(document["head_scores"], dtype=torch.float64)
-        ffn = torch.tensor(document["ffn_scores"], dtype=torch.float64)
+        head = torch.tensor(document[keys[0]], dtype=torch.float64)
+        ffn = torch.tensor(document[keys[1]], dtype=torch.float64)
     except FileNotFoundError:
         raise ValueError(f"{path}: no importance scores here (run `editflow importance --out DIR` first)") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -214,11 +225,11 @@ def pruning_grid(head_fractions: Sequence[float], ffn_fractions: Sequence[float]
 def prune_model(loaded: "LoadedModel", tasks: Sequence[Task], shots_list: Sequence[int], head_scores: torch.Tensor,
                 ffn_scores: torch.Tensor, heads: float, ffn: float, head_fractions: Sequence[float] = (),
                 ffn_fractions: Sequence[float] = (), iterative: bool = False,
-                config: ImportanceConfig | None = None) -> Pruning:
+                config: ImportanceConfig | None = None, rank_by: str = "gradient") -> Pruning:
     """Remove the lowest-scoring `heads` / `ffn` fractions: the pruned model as an edit
     artifact, the tasks' accuracy before and after, and the accuracy curves over the
     fractions. iterative: head masks are rescored after each step of the head fractions (on
-    the tasks' rows at the first shots count) instead of ranked once."""
+    the tasks' rows at the first shots count, by `rank_by`) instead of ranked once."""
     config = config or ImportanceConfig()
     shape = (loaded.adapter.num_layers, loaded.adapter.num_heads)
     if tuple(head_scores.shape) != shape or tuple(ffn_scores.shape) != shape[:1]:
@@ -226,7 +237,7 @@ def prune_model(loaded: "LoadedModel", tasks: Sequence[Task], shots_list: Sequen
     head_steps = sorted({*head_fractions, heads} - {0.0})
     if iterative and head_steps:
         rows = [row for task in tasks for row in select_rows(task, config)]
-        head_masks = dict(zip(head_steps, iterative_head_masks(loaded, rows, shots_list[0], head_steps, config)))
+        head_masks = dict(zip(head_steps, iterative_head_masks(loaded, rows, shots_list[0], head_steps, config, rank_by)))
     else:
         head_masks = {p: prune_masks(head_scores, ffn_scores, p, 0.0)[0] for p in head_steps}
     head_masks[0.0] = torch.ones(shape)

@@ -238,6 +238,9 @@ def _add_prune(commands: Any) -> None:
     sub.add_argument("--curve-ffn", type=_fractions, default=(0.1, 0.2, 0.3), metavar="Q1,Q2",
                      help="FFN fractions of the accuracy curve (default: 0.1,0.2,0.3)")
     sub.add_argument("--iterative", action="store_true", help="rescore the heads after each step of the head curve instead of ranking once")
+    sub.add_argument("--rank-by", choices=("gradient", "taylor"), default="gradient",
+                     help="gradient: mean |z . dL/dz| per token (Michel et al.); taylor: the first-order estimate of the loss "
+                          "increase when the unit is removed, which ranks closer to exact ablation (docs/benchmarks.md)")
     sub.add_argument("--save-model", action="store_true", help="also save the whole pruned model (save_pretrained) in DIR/model")
     sub.set_defaults(handler=_cmd_prune)
 
@@ -689,12 +692,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     for flag in ("heads", "ffn"):
         if not 0.0 <= getattr(args, flag) <= 1.0:
             raise UsageError(f"--{flag} must be a fraction in [0, 1], got {getattr(args, flag)}")
-    head_scores, ffn_scores, _ = read_scores(args.scores)
+    head_scores, ffn_scores, _ = read_scores(args.scores, args.rank_by)
     tasks, config = _analysis_tasks(args, args.eval)
     _check_out_dir(args.out, args.force)
     loaded = _load_model(args.model)
     pruning = prune_model(loaded, tasks, args.shots, head_scores, ffn_scores, args.heads, args.ffn,
-                          args.curve_heads, args.curve_ffn, args.iterative, config)
+                          args.curve_heads, args.curve_ffn, args.iterative, config, args.rank_by)
     files = write_pruning(pruning, args.out, f"pruning {args.model}")
     if args.save_model:
         with pruning.artifact.attached(loaded.model):

@@ -14,6 +14,7 @@
     curve_heads: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     curve_ffn: [0.1, 0.2, 0.3]
     iterative: false            # rescore heads after each curve step instead of ranking once
+    rank_by: gradient           # gradient (mean |z . dL/dz|) or taylor (first-order loss increase)
     ablation: false             # also the exact ablation reference (slow: L*H + L passes)
     induction: true             # induction-head scores and their overlap with important heads
     tracking: {experiment: editflow-analysis}
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from editing_core.config import ConfigError
-from editing_core.importance import ImportanceConfig, Task, TaskError, load_tasks
+from editing_core.importance import RANKINGS, ImportanceConfig, Task, TaskError, load_tasks
 from infra.tracking import RunRecord, check_reachable, flatten_params, log_pipeline_run, resolve_tracking_uri, tracked_run
 
 KIND = "prune"
@@ -64,6 +65,7 @@ class PruneFile:
     curve_heads: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     curve_ffn: tuple[float, ...] = (0.1, 0.2, 0.3)
     iterative: bool = False
+    rank_by: str = "gradient"
     ablation: bool = False
     induction: bool = True
     tracking: TrackingSection = field(default_factory=TrackingSection)
@@ -108,6 +110,7 @@ def load_prune_pipeline(path: str | os.PathLike[str], document: Any) -> PruneSpe
         (not 0 <= raw.heads <= 1, "heads: a fraction in [0, 1]"),
         (not 0 <= raw.ffn <= 1, "ffn: a fraction in [0, 1]"),
         (any(not 0 <= f <= 1 for f in (*raw.curve_heads, *raw.curve_ffn)), "curve_heads / curve_ffn: fractions in [0, 1]"),
+        (raw.rank_by not in RANKINGS, f"rank_by: one of {', '.join(RANKINGS)}"),
     ]
     for failed, message in problems:
         if failed:
@@ -154,8 +157,9 @@ def run_prune_pipeline(spec: PruneSpec, address: str | None = None, tracking_uri
         with ray_connected(address, p.workers * p.cpus_per_worker, f"{spec.source}: workers x cpus_per_worker", ConfigError) if p.workers else nullcontext():
             scores = score_model(p.model, spec.tasks, p.shots, config, p.workers, p.cpus_per_worker, loaded,
                                  ablation=p.ablation, induction=induction)
-        pruning = prune_model(loaded, spec.tasks, p.shots, scores.head, scores.ffn, p.heads, p.ffn,
-                              p.curve_heads, p.curve_ffn, p.iterative, config)
+        head, ffn = (scores.head_taylor, scores.ffn_taylor) if p.rank_by == "taylor" else (scores.head, scores.ffn)
+        pruning = prune_model(loaded, spec.tasks, p.shots, head, ffn, p.heads, p.ffn,
+                              p.curve_heads, p.curve_ffn, p.iterative, config, p.rank_by)
         run_dir = _run_directory(output_dir, spec, run)
         files = write_scores(scores, run_dir / "scores") + write_pruning(pruning, run_dir / "pruning", f"pruning {p.model}")
         metrics = _metrics(scores, pruning)

@@ -76,6 +76,20 @@ def test_pruning_grid_and_removable_share() -> None:
         removable_share(rows[2:], "heads", 0)
 
 
+def test_taylor_scores_are_minus_the_gate_gradient_per_row(copy_task: Callable[..., Path], tmp_path: Path) -> None:
+    from editing_core.importance import gate_gradients, importance_sums, select_rows
+
+    loaded = tiny_model("llama")
+    rows = select_rows(load_tasks(copy_task(tmp_path))[0])
+    sums = importance_sums(loaded, rows, 1)
+    head_grad, ffn_grad = gate_gradients(loaded, rows, 1)
+    assert torch.allclose(sums.head_taylor(), -head_grad / len(rows), rtol=1e-4, atol=1e-7)
+    assert torch.allclose(sums.ffn_taylor(), -ffn_grad / len(rows), rtol=1e-4, atol=1e-7)
+    assert torch.equal(sums.ranking_scores("taylor")[0], sums.head_taylor())
+    with pytest.raises(ValueError, match="unknown ranking"):
+        sums.ranking_scores("random")
+
+
 def test_spearman_ranks_ties_and_constant_tables() -> None:
     a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert spearman(a, a * 10 + 3) == pytest.approx(1.0)
@@ -111,6 +125,14 @@ def test_importance_and_prune_commands(copy_task: Callable[..., Path], tiny_llam
     assert (pruned_dir / "curves.png").exists()
     artifact = load_artifact(pruned_dir / "artifact")
     assert artifact.meta.method == "prune" and artifact.meta.config == pruned["removed"]
+
+    code, _, err = run(["prune", "--model", tiny_llama_dir, "--scores", str(scores_dir), "--eval", str(tasks), "--shots", "0",
+                        "--heads", "0.25", "--curve-heads", "0.25", "--curve-ffn", "", "--rank-by", "taylor", "--iterative",
+                        "--out", str(tmp_path / "taylor")], capsys)
+    assert code == 0, err
+    taylor = torch.tensor(document["head_taylor"])
+    weakest = {tuple(divmod(int(i), 4)) for i in taylor.flatten().argsort()[:2]}
+    assert {tuple(h) for h in json.loads((tmp_path / "taylor" / "prune.json").read_text())["removed"]["heads"]} == weakest
 
 
 def test_prune_command_input_errors(copy_task: Callable[..., Path], tiny_llama_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
