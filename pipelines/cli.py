@@ -157,6 +157,12 @@ def _add_stream(commands: Any) -> None:
     sub.set_defaults(handler=_cmd_stream)
 
 
+def _add_ray_workers(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--workers", type=int, default=0, metavar="N", help="Ray workers (default: 0, this process)")
+    sub.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs (and torch threads) per Ray worker (default: 1)")
+    sub.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: a local cluster)")
+
+
 def _add_analysis_inputs(sub: argparse.ArgumentParser, tasks_flag: str) -> None:
     _add_model(sub)
     sub.add_argument(tasks_flag, type=Path, metavar="DIR",
@@ -190,9 +196,7 @@ def _add_saliency(commands: Any) -> None:
                           "right (default: the facts' locality prompts with the model's own answers)")
     sub.add_argument("--roles", default="mlp_in,mlp_out,attn_out", metavar="R1,R2",
                      help="weights scored in every layer (default: mlp_in,mlp_out,attn_out)")
-    sub.add_argument("--workers", type=int, default=0, metavar="N", help="Ray workers (default: 0, this process)")
-    sub.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs (and torch threads) per Ray worker (default: 1)")
-    sub.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: a local cluster)")
+    _add_ray_workers(sub)
     sub.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     sub.add_argument("--force", action="store_true", help="write into an existing non-empty --out directory")
     sub.set_defaults(handler=_cmd_saliency)
@@ -211,9 +215,7 @@ def _add_importance(commands: Any) -> None:
         "example:\n  editflow importance --model smollm2-135m --shots 0,5 --workers 2 --out analysis/smollm2",
     )
     _add_analysis_inputs(sub, "--tasks")
-    sub.add_argument("--workers", type=int, default=0, metavar="N", help="Ray workers (default: 0, this process)")
-    sub.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs (and torch threads) per Ray worker (default: 1)")
-    sub.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: a local cluster)")
+    _add_ray_workers(sub)
     sub.add_argument("--ablation", action="store_true", help="also compute the exact ablation scores (L*H + L passes per row)")
     sub.add_argument("--induction", action="store_true", help="also score induction heads (prefix matching, copying)")
     sub.set_defaults(handler=_cmd_importance)
