@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from .artifacts import ArtifactMeta, EditArtifact, WeightDelta, WeightDeltaArtifact, weights_hash
 from .models.adapter import ModelAdapter
 from .models.loading import LoadedModel
+from .plotting import agg_figure
 from .tokens import CompletionBatch, completion_batch
 
 TASKS_DIRNAME = "importance_tasks"
@@ -834,21 +835,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def _figure(size: tuple[float, float]) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=size, dpi=120)
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def plot_pruning_curves(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "pruning") -> Path:
     """PNG of accuracy (mean over tasks) against the fraction removed, one line per shots: a
     panel for heads removed (no FFN removed) and one for FFN blocks removed (no head removed),
     each drawn when the rows vary it."""
     axes_keys = [key for key in ("heads", "ffn") if len({r[key] for r in rows}) > 1] or ["heads"]
-    figure = _figure((5 * len(axes_keys), 4))
+    figure = agg_figure((5 * len(axes_keys), 4))
     for i, key in enumerate(axes_keys):
         other = "ffn" if key == "heads" else "heads"
         axes = figure.add_subplot(1, len(axes_keys), i + 1)
@@ -873,7 +865,7 @@ def plot_pruning_curves(rows: Sequence[Mapping[str, Any]], path: str | Path, tit
 def plot_head_heatmap(scores: torch.Tensor, path: str | Path, title: str) -> Path:
     """PNG heatmap of (L, H) head scores: layers down, heads across."""
     values = scores.detach().double().cpu().numpy()
-    figure = _figure((max(4, 0.4 * values.shape[1] + 2), max(3, 0.25 * values.shape[0] + 1.5)))
+    figure = agg_figure((max(4, 0.4 * values.shape[1] + 2), max(3, 0.25 * values.shape[0] + 1.5)))
     axes = figure.add_subplot()
     image = axes.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
     figure.colorbar(image, ax=axes)
@@ -888,7 +880,7 @@ def plot_head_heatmap(scores: torch.Tensor, path: str | Path, title: str) -> Pat
 def plot_ffn_bars(scores: torch.Tensor, path: str | Path, title: str) -> Path:
     """PNG bar chart of (L,) FFN scores by layer."""
     values = scores.detach().double().cpu().tolist()
-    figure = _figure((max(5, 0.25 * len(values) + 2), 3.5))
+    figure = agg_figure((max(5, 0.25 * len(values) + 2), 3.5))
     axes = figure.add_subplot()
     axes.bar(range(len(values)), values, color="#4c72b0")
     axes.set_xlabel("layer")

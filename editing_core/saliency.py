@@ -53,6 +53,7 @@ from .data.requests import EditRequest
 from .evaluate import LOCALITY_FALLBACK_TOKENS, greedy_continuations, teacher_forced
 from .models.architectures import ROLES
 from .models.loading import LoadedModel
+from .plotting import agg_figure
 from .tokens import completion_batch, completion_ids, completion_nll
 
 log = logging.getLogger(__name__)
@@ -385,21 +386,12 @@ def saliency_sums(loaded: LoadedModel, samples: Sequence[Sample], config: Salien
 # ---------------------------------------------------------------------------------------
 
 
-def _figure(size: tuple[float, float]) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=size, dpi=120)
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def plot_saliency(scores: SaliencyScores, path: str | Path, title: str = "layer saliency") -> Path:
     """PNG: top, each layer's role scores as grouped bars with the layer score as a line;
     bottom, the layer score of each group alone. The chosen layer is shaded in both."""
     layers = scores.role_scores.shape[0]
     chosen = scores.chosen_layer
-    figure = _figure((max(6.0, 0.3 * layers + 3), 6.5))
+    figure = agg_figure((max(6.0, 0.3 * layers + 3), 6.5))
     top, bottom = figure.add_subplot(2, 1, 1), figure.add_subplot(2, 1, 2)
     width = 0.8 / len(scores.roles)
     xs = torch.arange(layers, dtype=torch.float64)

@@ -33,18 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from editing_core.config import ConfigError
+from editing_core.config import ConfigError, config_to_dict
 from editing_core.importance import RANKINGS, ImportanceConfig, Task, TaskError, load_tasks
+from pipelines.spec import TrackingSpec
 from infra.tracking import RunRecord, check_reachable, flatten_params, log_pipeline_run, resolve_tracking_uri, tracked_run
 
 KIND = "prune"
-
-
-@dataclass(frozen=True)
-class TrackingSection:
-    """experiment: the MLflow experiment (default: the pipeline's name)."""
-
-    experiment: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +62,7 @@ class PruneFile:
     rank_by: str = "gradient"
     ablation: bool = False
     induction: bool = True
-    tracking: TrackingSection = field(default_factory=TrackingSection)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
 
 @dataclass(frozen=True)
@@ -144,7 +138,7 @@ def run_prune_pipeline(spec: PruneSpec, address: str | None = None, tracking_uri
     check_reachable(uri)
     config = spec.importance_config()
     with tracked_run(uri, spec.experiment, spec.name, tags={"pipeline": spec.name, "kind": KIND, "base_model": p.model}) as run:
-        params = {key: value for key, value in flatten_params(_plain(p)).items() if key != "kind"}
+        params = {key: value for key, value in flatten_params(config_to_dict(p)).items() if key != "kind"}
         run.log_params({**params, "tasks": ",".join(t.name for t in spec.tasks)})
         from editing_core.models import load_model
 
@@ -173,12 +167,6 @@ def run_prune_pipeline(spec: PruneSpec, address: str | None = None, tracking_uri
     return PipelineResult(run_id=run.run_id, experiment_id=run.experiment_id, experiment_name=run.experiment_name,
                           tracking_uri=run.tracking_uri, metrics=metrics, rows=[], artifact_dir=run_dir / "pruning" / "artifact",
                           artifact_id=pruning.artifact.meta.artifact_id, output_dir=run_dir)
-
-
-def _plain(p: PruneFile) -> dict[str, Any]:
-    from editing_core.config import config_to_dict
-
-    return config_to_dict(p)
 
 
 def _metrics(scores: Any, pruning: Any) -> dict[str, float]:
