@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from . import ft, ft_kl, grace  # noqa: F401  (registers the editors)
+from . import ft, ft_kl, grace, mend, salem  # noqa: F401  (registers the editors)
 from .base import EDITORS, EditOutcome, Editor, SequentialSession, WeightEditConfig, WeightEditor, register_editor
 
 

@@ -129,12 +129,12 @@ class SequentialSession(ABC):
 
 class FoldingSession(SequentialSession):
     """Sequential weight edits: each request is edited alone on the weights the previous edits
-    left, and its delta is added to the model at once. The artifact is the total change."""
+    left, and its delta is added to the model at once. The artifact is the total change.
+    The editor must return WeightDeltaArtifacts and name its weights with `edited_params`."""
 
-    def __init__(self, editor: "WeightEditor", loaded: LoadedModel, parent: EditArtifact | None):
+    def __init__(self, editor: "Editor", loaded: LoadedModel, parent: EditArtifact | None):
         self.editor, self.loaded, self.parent = editor, loaded, parent
-        cfg = editor.config
-        self.names = loaded.adapter.param_names(cfg.roles, cfg.layers)
+        self.names = editor.edited_params(loaded)
         self.hashed = editor.hashed_params(loaded, self.names, parent)
         self.base_hash = weights_hash(loaded.model, self.hashed)
         self.requests: list[EditRequest] = []
@@ -217,6 +217,9 @@ class WeightEditor(Editor):
     def sequential(self, loaded: LoadedModel, parent: EditArtifact | None = None) -> FoldingSession:
         return FoldingSession(self, loaded, parent)
 
+    def edited_params(self, loaded: LoadedModel) -> list[str]:
+        return loaded.adapter.param_names(self.config.roles, self.config.layers)
+
     def prepare(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> Any:
         """Anything the extra loss needs from the unedited model (computed once)."""
         return None
@@ -229,7 +232,7 @@ class WeightEditor(Editor):
         if not requests:
             raise ValueError("an edit needs at least one request")
         cfg, model = self.config, loaded.model
-        names = loaded.adapter.param_names(cfg.roles, cfg.layers)
+        names = self.edited_params(loaded)
         params = {name: model.get_parameter(name) for name in names}
         hashed = self.hashed_params(loaded, names, parent)
         base_hash = weights_hash(model, hashed)

@@ -1,0 +1,623 @@
+"""MEND: editor networks that turn a fine-tuning gradient into a good edit in one step.
+
+Paper: Mitchell et al. 2022, "Fast Model Editing at Scale", https://arxiv.org/abs/2110.11309.
+
+The gradient of a loss L with respect to a linear weight W (out x in) is a sum of rank-1 terms
+over the tokens the layer saw:
+    dL/dW = sum_t delta_t u_t^T,    u_t = the layer's input at token t        (in,)
+                                    delta_t = dL/d(layer output at token t)  (out,)
+so it can be handled as N (u, delta) pairs instead of an out x in matrix. An editor network g
+maps each pair to (u~, delta~), and the edit is
+    W~ = W - eta_l * sum_t delta~_t u~_t^T
+a low-rank update (rank <= N), stored as two factors in the edit artifact.
+
+The editor network (`MendNet`), one per distinct (in, out) weight shape, shared by every
+edited weight of that shape:
+    z  = concat(u, delta)                          (in + out,)
+    z' = (z - running_mean) / running_std          input normalisation (statistics of training)
+    h  = z' + s1_l * U1 act(V1 z' + b1) + o1_l     residual block 1
+    g  = h  + s2_l * U2 act(V2 h  + b2) + o2_l     residual block 2
+    out = running_mean + running_std * g           back to the gradient's own scale
+U1, U2 (dim x rank) start at zero and the per-layer offsets o at zero, so an untrained editor is
+the identity and its edit is exactly the plain gradient step with rate eta_l. s_l and o_l are
+the per-layer scale and offset of the edited weight l; eta_l, the per-layer edit rate, is learned.
+(The paper feeds the normalised output straight into the update; we map it back so that the
+identity editor is the plain gradient edit, and eta_l learns the step size from there.)
+
+Gradient factors. `factors: tokens` (MEND) gives the editor every token's (u, delta) pair.
+`factors: svd` (SaLEM, editors/salem.py) first sums the gradient over groups of `svd_group`
+requests and keeps its top-`svd_rank` singular directions: G ~= sum_i s_i a_i b_i^T becomes the
+pairs (sqrt(s_i) b_i, sqrt(s_i) a_i), computed from the token factors by two QR decompositions
+(G is never formed).
+
+Training (Algorithm 1, `mend_loss`): for a batch of edit requests, compute the pairs on the
+unedited model, edit with the editor, then
+    loss = c_edit * NLL(target_new | prompt and its rephrases; edited model)
+         + c_loc  * KL(p_pre(. | x_loc) || p_edited(. | x_loc))
+The base model is frozen; only the editor learns. The edited forward adds x -> (x u~^T)(-eta delta~)
+to each edited layer's output through hooks, so gradients flow into the editor.
+Distributed training (Ray Train + DeepSpeed) lives in tasks/mend_train.py; this module is pure torch.
+
+Applying (Algorithm 2, `MendEditor.edit`): one forward and backward of the base model on the
+requests, the editor, and the factors of the update. A batch of requests sums their loss, so the
+batched edit equals the sum of the single edits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..artifacts import ArtifactError, EditArtifact, WeightDelta, WeightDeltaArtifact, weights_hash
+from ..config import config_to_dict, load_config
+from ..data.requests import EditRequest
+from ..models.architectures import ROLES
+from ..models.loading import LoadedModel
+from ..tokens import CompletionBatch, completion_batch, completion_logits, completion_nll, kl_from_reference, text_batch
+from .base import Editor, FoldingSession, register_editor
+
+log = logging.getLogger(__name__)
+
+NET_CONFIG_NAME = "editor.json"
+NET_WEIGHTS_NAME = "editor.safetensors"
+FACTORS = ("tokens", "svd")
+
+
+# ---------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MendNetConfig:
+    """The shape of a MEND editor network and which weights it edits (saved with the editor).
+
+    layers:        layers whose weights are edited; negative counts from the end. The paper
+                   edits the MLPs of the last three layers.
+    roles:         which weights of each layer (mlp_in, mlp_out, attn_out).
+    rank:          rank of each residual block's U V (the editor's hidden size).
+    blocks:        number of residual blocks (the paper uses 2).
+    edit_lr_init:  starting value of every per-layer edit rate eta_l.
+    factors:       `tokens`: one (u, delta) pair per token (MEND); `svd`: the top-`svd_rank`
+                   singular pairs of the gradient summed over each group of `svd_group`
+                   requests (SaLEM).
+    svd_rank:      singular directions kept per group (factors: svd).
+    svd_group:     requests whose gradients are summed before the SVD (factors: svd).
+    norm_eps:      added to the running variance before the square root.
+    """
+
+    layers: tuple[int, ...] = (-3, -2, -1)
+    roles: tuple[str, ...] = ("mlp_in", "mlp_out")
+    rank: int = 64
+    blocks: int = 2
+    edit_lr_init: float = 1e-4
+    factors: str = "tokens"
+    svd_rank: int = 8
+    svd_group: int = 10
+    norm_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.roles if r not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown role(s) {unknown}; roles: {list(ROLES)}")
+        if not self.layers or not self.roles:
+            raise ValueError("layers and roles must not be empty")
+        if self.rank < 1 or self.blocks < 1 or self.svd_rank < 1 or self.svd_group < 1:
+            raise ValueError("rank, blocks, svd_rank and svd_group must be >= 1")
+        if self.factors not in FACTORS:
+            raise ValueError(f"factors must be one of {FACTORS}, got {self.factors!r}")
+        if self.edit_lr_init <= 0:
+            raise ValueError("edit_lr_init must be > 0")
+
+
+@dataclass(frozen=True)
+class MendTrainConfig:
+    """Training of a MEND editor (Algorithm 1 of the paper).
+
+    steps:            optimizer steps.
+    batch_size:       edit requests per step on each worker (edited together, as a batch).
+    lr:               Adam learning rate of the editor's parameters.
+    edit_lr_lr:       Adam learning rate of the per-layer edit rates eta_l (the paper's lr_lr).
+    c_edit:           weight of the edit NLL on the prompt and its rephrases after the edit.
+    c_loc:            weight of the KL between the pre- and post-edit model on locality texts.
+    grad_clip:        clip the editor's gradient norm to this (0 turns clipping off).
+    checkpoint_every: save a checkpoint (and report metrics) every this many steps.
+    val_every:        evaluate on the validation rows every this many steps (0: only at the end).
+    val_rows:         validation requests evaluated each time (the first ones of the file).
+    seed:             seed of the editor's initialisation and of the row order.
+    """
+
+    steps: int = 500
+    batch_size: int = 4
+    lr: float = 1e-4
+    edit_lr_lr: float = 1e-4
+    c_edit: float = 0.1
+    c_loc: float = 1.0
+    grad_clip: float = 100.0
+    checkpoint_every: int = 50
+    val_every: int = 100
+    val_rows: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.val_rows < 1:
+            raise ValueError("steps, batch_size, checkpoint_every and val_rows must be >= 1")
+        if self.lr <= 0 or self.edit_lr_lr < 0 or self.c_edit < 0 or self.c_loc < 0 or self.grad_clip < 0 or self.val_every < 0:
+            raise ValueError("lr must be > 0; edit_lr_lr, c_edit, c_loc, grad_clip and val_every >= 0")
+
+
+@dataclass(frozen=True)
+class MendConfig:
+    """Applying a trained MEND editor (Algorithm 2).
+
+    editor:     directory of a trained editor (editor.json + editor.safetensors), as written by
+                `editflow train-editor`; it fixes the edited layers and roles.
+    batch_size: requests per forward+backward pass (the update sums over all of them).
+    check_base: refuse a model whose edited weights differ from the ones the editor was trained
+                on (an editor learns one model's gradients); off, a mismatch only warns.
+    progress:   show a progress bar.
+    """
+
+    editor: str = ""
+    batch_size: int = 16
+    check_base: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------
+# the editor network
+# ---------------------------------------------------------------------------------------
+
+
+class RunningNorm(nn.Module):
+    """Per-dimension running mean and variance of the inputs seen in training (Chan et al.'s
+    parallel update), used to normalise the editor's inputs. Untrained: mean 0, std 1."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor) -> None:  # z: (N, dim)
+        n = z.shape[0]
+        if n == 0:
+            return
+        z = z.double()
+        batch_mean = z.mean(0)
+        batch_m2 = ((z - batch_mean) ** 2).sum(0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count.fill_(total)
+
+    def stats(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.count < 2:
+            return torch.zeros_like(self.mean, dtype=dtype), torch.ones_like(self.mean, dtype=dtype)
+        std = (self.m2 / (self.count - 1) + self.eps).sqrt()
+        return self.mean.to(dtype), std.to(dtype)
+
+
+class ResidualBlock(nn.Module):
+    """h = z + scale_l * U act(V z + b) + offset_l, with U zero-initialised (identity at start)."""
+
+    def __init__(self, dim: int, rank: int, num_layers: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank)  # V, b
+        self.up = nn.Parameter(torch.zeros(dim, rank))  # U
+        self.scale = nn.Parameter(torch.ones(num_layers, dim))
+        self.offset = nn.Parameter(torch.zeros(num_layers, dim))
+
+    def forward(self, z: torch.Tensor, layer: int) -> torch.Tensor:  # z: (N, dim)
+        hidden = torch.relu(self.down(z))  # (N, rank)
+        return z + self.scale[layer] * (hidden @ self.up.T) + self.offset[layer]
+
+
+class ShapeEditor(nn.Module):
+    """g for every edited weight of one (in, out) shape: normalise, residual blocks, un-normalise."""
+
+    def __init__(self, dim_in: int, dim_out: int, num_layers: int, config: MendNetConfig):
+        super().__init__()
+        self.dim_in = dim_in
+        self.norm = RunningNorm(dim_in + dim_out, config.norm_eps)
+        self.blocks = nn.ModuleList(ResidualBlock(dim_in + dim_out, config.rank, num_layers) for _ in range(config.blocks))
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, in), (N, out) -> (N, in), (N, out); updates the running statistics in training."""
+        z = torch.cat([u, delta], dim=-1).float()
+        if self.training:
+            self.norm.update(z)
+        mean, std = self.norm.stats(z.dtype)
+        h = (z - mean) / std
+        for block in self.blocks:
+            h = block(h, layer)
+        out = mean + std * h
+        return out[:, : self.dim_in], out[:, self.dim_in :]
+
+
+@dataclass
+class Factors:
+    """The factors of one weight's update, in (out, in) orientation: delta_W = left @ right.
+    left: (out, K); right: (K, in)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.right.shape[0]
+
+
+def _shape_key(dim_in: int, dim_out: int) -> str:
+    return f"{dim_in}x{dim_out}"
+
+
+class MendNet(nn.Module):
+    """All shape editors of one model plus the per-weight edit rates.
+
+    `targets` names the edited weights in order, as (parameter name, in, out); weight i uses the
+    shape editor of its shape with layer slot = its index among the weights of that shape."""
+
+    def __init__(self, config: MendNetConfig, targets: Sequence[tuple[str, int, int]]):
+        super().__init__()
+        self.config = config
+        self.targets = [tuple(t) for t in targets]
+        slots: dict[str, int] = {}
+        self.slot: dict[str, tuple[str, int]] = {}
+        for name, dim_in, dim_out in self.targets:
+            key = _shape_key(dim_in, dim_out)
+            self.slot[name] = (key, slots.get(key, 0))
+            slots[key] = slots.get(key, 0) + 1
+        dims = {_shape_key(i, o): (i, o) for _, i, o in self.targets}
+        self.editors = nn.ModuleDict({key: ShapeEditor(*dims[key], slots[key], config) for key in slots})
+        self.edit_lrs = nn.Parameter(torch.full((len(self.targets),), config.edit_lr_init))
+
+    @property
+    def param_names(self) -> list[str]:
+        return [name for name, _, _ in self.targets]
+
+    def forward(self, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Factors]:
+        """(u, delta) pairs per edited weight -> the factors of each weight's update."""
+        factors = {}
+        for index, name in enumerate(self.param_names):
+            u, delta = pairs[name]
+            key, slot = self.slot[name]
+            u_new, delta_new = self.editors[key](u, delta, slot)
+            factors[name] = Factors(left=-self.edit_lrs[index] * delta_new.T, right=u_new)
+        return factors
+
+
+def parameter_groups(net: MendNet, train: MendTrainConfig) -> list[dict[str, Any]]:
+    """Optimizer groups: the editor's weights at `lr`, the per-layer edit rates at `edit_lr_lr`."""
+    others = [p for name, p in net.named_parameters() if name != "edit_lrs"]
+    return [{"params": others, "lr": train.lr}, {"params": [net.edit_lrs], "lr": train.edit_lr_lr}]
+
+
+def net_targets(loaded: LoadedModel, config: MendNetConfig) -> list[tuple[str, int, int]]:
+    """(parameter name, in, out) of every weight the editor edits, layer by layer."""
+    adapter = loaded.adapter
+    targets = []
+    for layer in adapter.resolve_layers(config.layers):
+        for role in config.roles:
+            dim_out, dim_in = adapter.as_out_in(adapter.weight(role, layer)).shape
+            targets.append((adapter.param_name(role, layer), dim_in, dim_out))
+    return targets
+
+
+def build_net(loaded: LoadedModel, config: MendNetConfig, seed: int = 0) -> MendNet:
+    """A fresh (identity) editor network for `loaded`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MendNet(config, net_targets(loaded, config))
+
+
+# ---------------------------------------------------------------------------------------
+# saving and loading a trained editor
+# ---------------------------------------------------------------------------------------
+
+
+class EditorFileError(ValueError):
+    """A trained-editor directory that cannot be read or does not fit the model."""
+
+
+def save_net(net: MendNet, directory: str | Path, info: Mapping[str, Any]) -> Path:
+    """Write editor.safetensors + editor.json (net config, targets and `info`: base model,
+    its weights hash, training config and metrics)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = directory / (NET_WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(directory / NET_WEIGHTS_NAME)
+    document = {"net": config_to_dict(net.config), "targets": [list(t) for t in net.targets], **info}
+    tmp = directory / (NET_CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    tmp.replace(directory / NET_CONFIG_NAME)
+    return directory
+
+
+def load_net(directory: str | Path) -> tuple[MendNet, dict[str, Any]]:
+    """A saved editor and its editor.json document."""
+    directory = Path(directory)
+    config_path = directory / NET_CONFIG_NAME
+    if not config_path.is_file() or not (directory / NET_WEIGHTS_NAME).is_file():
+        raise EditorFileError(f"{directory} is not a trained MEND editor: {NET_CONFIG_NAME} and {NET_WEIGHTS_NAME} are needed")
+    try:
+        document = json.loads(config_path.read_text(encoding="utf-8"))
+        config = load_config(MendNetConfig, document["net"])
+        net = MendNet(config, document["targets"])
+        net.load_state_dict(load_file(str(directory / NET_WEIGHTS_NAME)))
+    except (KeyError, json.JSONDecodeError, RuntimeError) as exc:
+        raise EditorFileError(f"{directory}: cannot read the editor: {exc}") from None
+    net.eval()
+    return net, document
+
+
+# ---------------------------------------------------------------------------------------
+# gradient factors: (u, delta) pairs of the unedited model
+# ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _captured_io(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Inside the block, each named module's last (input, output) is recorded; hooks removed on exit."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for name, module in modules.items():
+        def hook(_module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
+            seen[name] = (args[0], output)
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The token rows of a (B, T, d) or flattened (B*T, d) activation where `keep` (B, T) is set."""
+    return x[keep] if x.dim() == 3 else x[keep.reshape(-1)]
+
+
+def _modules_of(loaded: LoadedModel, names: Sequence[str]) -> dict[str, nn.Module]:
+    return {name: loaded.model.get_submodule(name.rsplit(".", 1)[0]) for name in names}
+
+
+def token_pairs(loaded: LoadedModel, batch: CompletionBatch, names: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per edited weight, the (u, delta) pairs of every real token of the batch: (N, in), (N, out).
+
+    The loss is the SUM over rows of each row's mean target NLL, so the pairs of a batch are the
+    pairs of its rows put together. sum_t delta_t u_t^T equals the weight's gradient (out, in)."""
+    params = [loaded.model.get_parameter(n) for n in names]
+    before = [p.requires_grad for p in params]
+    keep = batch.attention_mask.bool()
+    try:
+        for p in params:  # so the edited layers' outputs carry a gradient
+            p.requires_grad_(True)
+        with torch.enable_grad(), _captured_io(_modules_of(loaded, names)) as seen:
+            logits = completion_logits(loaded.model, batch)
+            loss = completion_nll(logits, batch).sum()
+            outputs = [seen[n][1] for n in names]
+            grads = torch.autograd.grad(loss, outputs)
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
+    return {n: (_rows(seen[n][0], keep).detach(), _rows(g, keep).detach()) for n, g in zip(names, grads)}
+
+
+def low_rank_pairs(u: torch.Tensor, delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-`rank` singular pairs of G = delta^T u (out x in) without forming G:
+    (k, in), (k, out) with sum_i delta_i u_i^T the best rank-k approximation of G (k <= rank)."""
+    q_delta, r_delta = torch.linalg.qr(delta.T.double())  # (out, N), (N, N)
+    q_u, r_u = torch.linalg.qr(u.T.double())  # (in, N), (N, N)
+    core_u, sigma, core_vh = torch.linalg.svd(r_delta @ r_u.T)  # G = q_delta core q_u^T
+    k = min(rank, int((sigma > sigma[0] * 1e-7).sum()) if sigma.numel() and sigma[0] > 0 else 0)
+    root = sigma[:k].sqrt()
+    a = (q_delta @ core_u[:, :k]) * root  # (out, k)
+    b = (q_u @ core_vh[:k].T) * root  # (in, k)
+    return b.T.to(u.dtype), a.T.to(delta.dtype)
+
+
+def edit_pairs(loaded: LoadedModel, requests: Sequence[EditRequest], config: MendNetConfig,
+               names: Sequence[str], batch_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The editor's input pairs for `requests`: token pairs (MEND), or the top singular pairs of
+    the gradient summed over each group of `svd_group` requests (SaLEM)."""
+    device = next(loaded.model.parameters()).device
+    step = config.svd_group if config.factors == "svd" else batch_size
+    chunks: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+    for start in range(0, len(requests), step):
+        group = requests[start : start + step]
+        batch = completion_batch(loaded.tokenizer, [(r.prompt, r.target_new) for r in group]).to(device)
+        pairs = token_pairs(loaded, batch, names)
+        if config.factors == "svd":
+            pairs = {n: low_rank_pairs(u, d, config.svd_rank) for n, (u, d) in pairs.items()}
+        chunks.append(pairs)
+    return {n: (torch.cat([c[n][0] for c in chunks]), torch.cat([c[n][1] for c in chunks])) for n in names}
+
+
+# ---------------------------------------------------------------------------------------
+# the edited forward (training) and the edit artifact (applying)
+# ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def edited_forward(loaded: LoadedModel, factors: Mapping[str, Factors]) -> Iterator[None]:
+    """Inside the block every edited layer computes W~ x = W x + left (right x), differentiable
+    in the factors; hooks removed on exit. The weights themselves are never touched."""
+    handles = []
+    for name, module in _modules_of(loaded, list(factors)).items():
+        f = factors[name]
+
+        def hook(_module: nn.Module, args: tuple, output: torch.Tensor, f: Factors = f) -> torch.Tensor:
+            x = args[0]  # (..., in)
+            return output + ((x.to(f.right.dtype) @ f.right.T) @ f.left.T).to(output.dtype)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def weight_deltas(loaded: LoadedModel, factors: Mapping[str, Factors]) -> dict[str, WeightDelta]:
+    """The factors as low-rank WeightDeltas in each parameter's storage orientation."""
+    deltas = {}
+    for name, f in factors.items():
+        left, right = f.left.detach(), f.right.detach()
+        if loaded.adapter.arch.conv1d:  # stored (in, out): (left right)^T = right^T left^T
+            left, right = right.T, left.T
+        param = loaded.model.get_parameter(name)
+        deltas[name] = WeightDelta(left=left.to(param.dtype).contiguous(), right=right.to(param.dtype).contiguous())
+    return deltas
+
+
+@dataclass
+class TrainingBatch:
+    """One step of editor training (Algorithm 1), built by `training_batch`.
+
+    edit:       prompt -> target_new of each request (the edit's gradient comes from here).
+    equivalent: prompt and rephrases -> target_new (must be right after the edit).
+    locality:   locality texts and the unedited model's next-token log-probs on them.
+    """
+
+    requests: list[EditRequest]
+    edit: CompletionBatch
+    equivalent: CompletionBatch
+    locality: CompletionBatch
+    locality_reference: torch.Tensor
+
+
+def training_batch(loaded: LoadedModel, requests: Sequence[EditRequest]) -> TrainingBatch:
+    """Tokenise one training step's requests; every request needs a locality_prompt."""
+    missing = [r.case_id or r.prompt for r in requests if not r.locality_prompt]
+    if missing:
+        raise ValueError(f"MEND training needs a locality_prompt on every request; missing for {missing[:5]}")
+    device = next(loaded.model.parameters()).device
+    tokenizer = loaded.tokenizer
+    edit = completion_batch(tokenizer, [(r.prompt, r.target_new) for r in requests]).to(device)
+    equivalent = completion_batch(tokenizer, [(p, r.target_new) for r in requests for p in (r.prompt, *r.rephrase)]).to(device)
+    texts = [f"{r.locality_prompt} {r.locality_answer}" if r.locality_answer else r.locality_prompt for r in requests]
+    locality = text_batch(tokenizer, texts).to(device)
+    with torch.no_grad():
+        reference = completion_logits(loaded.model, locality).float().log_softmax(-1)
+    return TrainingBatch(list(requests), edit, equivalent, locality, reference)
+
+
+def mend_loss(net: MendNet, loaded: LoadedModel, batch: TrainingBatch, train: MendTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Algorithm 1 for one batch: edit with the editor, score the edited model.
+
+    Returns the loss (differentiable in the editor only) and its parts: edit_nll (mean NLL of
+    target_new on prompt + rephrases after the edit), locality_kl, edit_accuracy (share of those
+    rows whose every target token is the argmax), pre_edit_nll."""
+    names = net.param_names
+    pairs = token_pairs(loaded, batch.edit, names)
+    if net.config.factors == "svd":
+        pairs = {n: low_rank_pairs(u, d, net.config.svd_rank) for n, (u, d) in pairs.items()}
+    factors = net(pairs)
+    with edited_forward(loaded, factors):
+        logits = completion_logits(loaded.model, batch.equivalent)
+        nll = completion_nll(logits, batch.equivalent)  # (rows,)
+        mask = batch.locality.attention_mask.bool()
+        kl = kl_from_reference(completion_logits(loaded.model, batch.locality), batch.locality_reference, mask)
+    with torch.no_grad():
+        hit = (logits.argmax(-1) == batch.equivalent.targets) | ~batch.equivalent.target_mask
+        accuracy = hit.all(-1).float().mean().item()
+    loss = train.c_edit * nll.mean() + train.c_loc * kl
+    return loss, {"loss": loss.item(), "edit_nll": nll.mean().item(), "locality_kl": kl.item(), "edit_accuracy": accuracy}
+
+
+# ---------------------------------------------------------------------------------------
+# the registered editor
+# ---------------------------------------------------------------------------------------
+
+
+@register_editor
+class MendEditor(Editor):
+    """Applies a trained MEND editor network (see the module docstring)."""
+
+    name = "mend"
+    config_class = MendConfig
+    config: MendConfig
+    expected_factors: str | None = "tokens"
+
+    def __init__(self, config: MendConfig | None = None):
+        super().__init__(config)
+        self._net: MendNet | None = None
+        self._document: dict[str, Any] = {}
+
+    def net(self) -> tuple[MendNet, dict[str, Any]]:
+        """The trained editor named by the config (loaded once)."""
+        if self._net is None:
+            if not self.config.editor:
+                raise ValueError(f"{self.name} needs a trained editor: set `editor` (a directory written by `editflow train-editor`)")
+            self._net, self._document = load_net(self.config.editor)
+            factors = self._net.config.factors
+            if self.expected_factors and factors != self.expected_factors:
+                raise EditorFileError(
+                    f"{self.config.editor}: this editor was trained with factors={factors!r}; "
+                    f"method {self.name} expects {self.expected_factors!r} (use method "
+                    f"{'salem' if factors == 'svd' else 'mend'})"
+                )
+        return self._net, self._document
+
+    def edited_params(self, loaded: LoadedModel) -> list[str]:
+        return self.net()[0].param_names
+
+    def check_fits(self, loaded: LoadedModel, net: MendNet, document: Mapping[str, Any]) -> None:
+        """Refuse a model whose edited weights do not have the editor's shapes; warn (or refuse,
+        with check_base) when their values differ from the training model's."""
+        try:
+            actual = net_targets(loaded, net.config)
+        except ValueError as exc:
+            raise EditorFileError(f"{self.config.editor}: does not fit this model: {exc}") from None
+        if [tuple(t) for t in actual] != net.targets:
+            raise EditorFileError(
+                f"{self.config.editor}: trained for weights {net.targets}, but this model has {actual}"
+            )
+        expected = document.get("base_hash")
+        if expected and weights_hash(loaded.model, net.param_names) != expected:
+            message = (f"{self.config.editor}: trained on {document.get('base_model')!r}; the edited "
+                       "weights of this model differ (another model, or edits attached)")
+            if self.config.check_base:
+                raise EditorFileError(message)
+            log.warning(message)
+
+    def factors(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> dict[str, Factors]:
+        """The update factors of the trained editor for `requests` (checked with `check_fits` first)."""
+        net, _ = self.net()
+        device = next(loaded.model.parameters()).device
+        net.to(device).eval()
+        pairs = edit_pairs(loaded, requests, net.config, net.param_names, self.config.batch_size)
+        with torch.no_grad():
+            return net(pairs)
+
+    def edit(self, loaded: LoadedModel, requests: Sequence[EditRequest], parent: EditArtifact | None = None) -> WeightDeltaArtifact:
+        if not requests:
+            raise ValueError("an edit needs at least one request")
+        net, document = self.net()
+        self.check_fits(loaded, net, document)
+        hashed = self.hashed_params(loaded, net.param_names, parent)
+        base_hash = weights_hash(loaded.model, hashed)
+        deltas = weight_deltas(loaded, self.factors(loaded, requests))
+        if weights_hash(loaded.model, hashed) != base_hash:  # the edit must never change the model
+            raise ArtifactError("the model's weights changed while computing a MEND edit")
+        return WeightDeltaArtifact(self._meta(loaded, requests, hashed, base_hash, parent), deltas)
+
+    def sequential(self, loaded: LoadedModel, parent: EditArtifact | None = None) -> FoldingSession:
+        return FoldingSession(self, loaded, parent)

@@ -1,0 +1,187 @@
+"""MEND and SaLEM editors on tiny models: the identity editor is the plain gradient step, batched
+edits add up, training lowers the loss, the SVD factors have the requested rank, and a saved
+editor reloads and edits without changing the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing_core.artifacts import load_artifact, weights_hash
+from editing_core.editors import make_editor
+from editing_core.editors.mend import (
+    EditorFileError, MendNetConfig, MendTrainConfig, build_net, edit_pairs, load_net, low_rank_pairs,
+    mend_loss, parameter_groups, save_net, training_batch,
+)
+from editing_core.editors.salem import salem_net_config
+from editing_core.models.tiny import tiny_model
+from editing_core.tokens import completion_batch, completion_logits, completion_nll
+from tests.conftest import same_state, snapshot
+
+STEPS = 40
+ARCHS = ("llama", "gpt2", "opt")
+
+
+def _dense(factors):
+    return {name: (f.left @ f.right).detach() for name, f in factors.items()}
+
+
+def _gradients(loaded, requests, names):
+    """dL/dW (out, in) of the summed per-request target NLL, by plain autograd."""
+    params = [loaded.model.get_parameter(n) for n in names]
+    batch = completion_batch(loaded.tokenizer, [(r.prompt, r.target_new) for r in requests])
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        loss = completion_nll(completion_logits(loaded.model, batch), batch).sum()
+        grads = torch.autograd.grad(loss, params)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    return {n: loaded.adapter.as_out_in(g) for n, g in zip(names, grads)}
+
+
+def _perturbed(net, seed=1):
+    """The net with random non-zero U, scales and offsets: no longer the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for editor in net.editors.values():
+            for block in editor.blocks:
+                block.up.copy_(torch.randn(block.up.shape, generator=generator) * 0.1)
+                block.offset.copy_(torch.randn(block.offset.shape, generator=generator) * 0.01)
+    return net.eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_editor_reproduces_the_plain_gradient_edit(arch, facts):
+    loaded = tiny_model(arch)
+    config = MendNetConfig(layers=(0, 1), roles=("mlp_in", "mlp_out", "attn_out"), edit_lr_init=0.01)
+    net = build_net(loaded, config).eval()
+    state = snapshot(loaded.model)
+    pairs = edit_pairs(loaded, facts, config, net.param_names, batch_size=2)
+    deltas = _dense(net(pairs))
+    grads = _gradients(loaded, facts, net.param_names)
+    assert same_state(loaded.model, state)
+    for name in net.param_names:
+        assert torch.allclose(deltas[name], -0.01 * grads[name], rtol=1e-4, atol=1e-7), name
+        assert grads[name].abs().max() > 0
+
+
+def test_batched_edit_equals_the_sum_of_single_edits(llama, facts):
+    config = MendNetConfig(layers=(-1,), rank=8)
+    net = _perturbed(build_net(llama, config))
+    batched = _dense(net(edit_pairs(llama, facts, config, net.param_names, batch_size=16)))
+    singles = [_dense(net(edit_pairs(llama, [r], config, net.param_names, batch_size=16))) for r in facts]
+    for name in net.param_names:
+        total = sum(s[name] for s in singles)
+        assert torch.allclose(batched[name], total, rtol=1e-4, atol=1e-6), name
+        assert not torch.allclose(batched[name], singles[0][name])
+
+
+def test_svd_factors_have_the_requested_rank_and_are_the_best_approximation():
+    generator = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(30, 12, generator=generator), torch.randn(30, 20, generator=generator)
+    full = delta.T @ u  # (out, in), rank 12
+    for k in (1, 3, 5):
+        u_k, delta_k = low_rank_pairs(u, delta, k)
+        assert u_k.shape == (k, 12) and delta_k.shape == (k, 20)
+        approx = delta_k.T @ u_k
+        assert torch.linalg.matrix_rank(approx) == k
+        a, s, vh = torch.linalg.svd(full)
+        best = (a[:, :k] * s[:k]) @ vh[:k]
+        assert torch.allclose(approx, best, atol=1e-4)
+    u_all, _ = low_rank_pairs(u, delta, 50)  # asking for more than exists keeps the true rank
+    assert u_all.shape[0] == 12
+
+
+def test_salem_factors_sum_groups_of_requests_before_the_svd(llama, facts):
+    config = salem_net_config(0, svd_rank=2, svd_group=2, edit_lr_init=1.0)  # layer 0: every token counts
+    net = build_net(llama, config).eval()
+    pairs = edit_pairs(llama, facts, config, net.param_names, batch_size=16)
+    u, _ = pairs[net.param_names[0]]
+    assert u.shape[0] == 2 + 2  # groups [0, 1] and [2]: two directions each
+    deltas = _dense(net(pairs))
+    grads = [_gradients(llama, facts[:2], net.param_names), _gradients(llama, facts[2:], net.param_names)]
+    for name in net.param_names:
+        best = 0
+        for group in grads:
+            a, s, vh = torch.linalg.svd(group[name])
+            best = best + (a[:, :2] * s[:2]) @ vh[:2]
+        assert torch.allclose(deltas[name], -best, rtol=1e-3, atol=1e-6)
+
+
+def test_a_few_training_steps_lower_the_training_loss(llama, facts):
+    # a random tiny model predicts near-uniformly: it takes large steps to move it
+    config = MendNetConfig(layers=(0, 1), rank=8, edit_lr_init=1.0)
+    train = MendTrainConfig(lr=1e-2, edit_lr_lr=1e-3, c_edit=1.0)
+    net = build_net(llama, config).train()
+    state = snapshot(llama.model)
+    batch = training_batch(llama, facts)
+    optimizer = torch.optim.Adam(parameter_groups(net, train))
+    losses = []
+    for _ in range(STEPS):
+        loss, parts = mend_loss(net, llama, batch, train)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(parts["loss"])
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.95 * first, losses
+    assert same_state(llama.model, state) and all(p.grad is None for p in llama.model.parameters())
+    assert net.editors[next(iter(net.editors))].norm.count > 0
+
+
+def test_saved_editor_reloads_and_edits_with_low_rank_factors(tmp_path, gpt2, facts):
+    config = MendNetConfig(layers=(-1,), roles=("mlp_out",), rank=4)
+    net = _perturbed(build_net(gpt2, config))
+    save_net(net, tmp_path / "editor", {"base_model": gpt2.name, "base_hash": weights_hash(gpt2.model, net.param_names)})
+    reloaded, document = load_net(tmp_path / "editor")
+    assert document["base_model"] == gpt2.name
+    for key, value in net.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value)
+
+    state = snapshot(gpt2.model)
+    editor = make_editor("mend", editor=str(tmp_path / "editor"), check_base=True)
+    artifact = editor.edit(gpt2, facts[:2])
+    assert same_state(gpt2.model, state)
+    (name, delta), = artifact.deltas.items()
+    tokens = sum(len(gpt2.tokenizer(r.prompt)["input_ids"]) + len(gpt2.tokenizer(" " + r.target_new)["input_ids"]) for r in facts[:2])
+    assert delta.dense is None and delta.rank == tokens  # one rank-1 term per token
+    assert delta.tensor().shape == gpt2.model.get_parameter(name).shape
+    artifact.save(tmp_path / "artifact")
+    again = load_artifact(tmp_path / "artifact")
+    batch = completion_batch(gpt2.tokenizer, [(facts[0].prompt, facts[0].target_new)])
+    before = completion_logits(gpt2.model, batch)
+    with again.attached(gpt2.model):
+        after = completion_logits(gpt2.model, batch)
+    assert not torch.allclose(before, after)
+    assert same_state(gpt2.model, state)
+
+
+def test_editor_checks_its_kind_and_the_model(tmp_path, llama, gpt2, facts):
+    net = build_net(llama, MendNetConfig(layers=(-1,)))
+    save_net(net, tmp_path / "mend", {"base_model": llama.name, "base_hash": weights_hash(llama.model, net.param_names)})
+    with pytest.raises(EditorFileError, match="factors='tokens'"):
+        make_editor("salem", editor=str(tmp_path / "mend")).edit(llama, facts)
+    with pytest.raises(EditorFileError, match="trained for weights"):
+        make_editor("mend", editor=str(tmp_path / "mend")).edit(gpt2, facts)
+    other = tiny_model("llama", seed=3)
+    with pytest.raises(EditorFileError, match="differ"):
+        make_editor("mend", editor=str(tmp_path / "mend"), check_base=True).edit(other, facts)
+    with pytest.raises(EditorFileError, match="not a trained MEND editor"):
+        make_editor("mend", editor=str(tmp_path)).edit(llama, facts)
+    with pytest.raises(ValueError, match="needs a trained editor"):
+        make_editor("mend").edit(llama, facts)
+
+
+def test_sequential_mend_edits_fold_into_one_artifact(tmp_path, llama, facts):
+    net = _perturbed(build_net(llama, MendNetConfig(layers=(-1,), rank=4)))
+    save_net(net, tmp_path / "editor", {"base_model": llama.name})
+    editor = make_editor("mend", editor=str(tmp_path / "editor"))
+    state = snapshot(llama.model)
+    with editor.sequential(llama) as session:
+        for request in facts:
+            session.add(request)
+        artifact = session.artifact()
+    assert same_state(llama.model, state)
+    assert set(artifact.deltas) == set(net.param_names)
