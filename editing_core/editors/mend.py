@@ -519,8 +519,10 @@ def training_batch(loaded: LoadedModel, requests: Sequence[EditRequest]) -> Trai
     return TrainingBatch(list(requests), edit, equivalent, locality, reference)
 
 
-def mend_loss(net: MendNet, loaded: LoadedModel, batch: TrainingBatch, train: MendTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Algorithm 1 for one batch: edit with the editor, score the edited model.
+def mend_loss(net: MendNet, loaded: LoadedModel, batch: TrainingBatch, train: MendTrainConfig,
+              call: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Algorithm 1 for one batch: edit with the editor, score the edited model. `call` runs the
+    editor when it is wrapped (a DeepSpeed engine or DDP around `net`); default `net` itself.
 
     Returns the loss (differentiable in the editor only) and its parts: edit_nll (mean NLL of
     target_new on prompt + rephrases after the edit), locality_kl, edit_accuracy (share of those
@@ -529,7 +531,7 @@ def mend_loss(net: MendNet, loaded: LoadedModel, batch: TrainingBatch, train: Me
     pairs = token_pairs(loaded, batch.edit, names)
     if net.config.factors == "svd":
         pairs = {n: low_rank_pairs(u, d, net.config.svd_rank) for n, (u, d) in pairs.items()}
-    factors = net(pairs)
+    factors = (call or net)(pairs)
     with edited_forward(loaded, factors):
         logits = completion_logits(loaded.model, batch.equivalent)
         nll = completion_nll(logits, batch.equivalent)  # (rows,)

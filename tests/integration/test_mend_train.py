@@ -1,0 +1,97 @@
+"""MEND editor training on a real local Ray (Ray Train) with real DeepSpeed ZeRO on the CPU
+accelerator (gloo): a run survives one injected worker crash by resuming from its checkpoint
+and ends where an uninterrupted run ends; rerunning resumes a stopped run; a trained editor
+for SmolLM2-135M reloads and edits through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from editing_core.artifacts import load_artifact
+from editing_core.data import EditRequest
+from editing_core.editors import make_editor
+from editing_core.editors.mend import MendNetConfig, MendTrainConfig, load_net
+from editing_core.models import load_model
+from editing_core.tokens import completion_batch, completion_logits
+from pipelines.cli import main
+from tasks.mend_train import DistributedConfig, train_editor
+
+pytestmark = pytest.mark.integration
+
+NET = MendNetConfig(layers=(0, 1), rank=4)
+ZERO2_OFFLOAD = DistributedConfig(workers=2, zero_stage=2, offload=True, max_failures=1)
+
+
+def _train(model: str, facts: list[EditRequest], out: Path, steps: int, fail_once_at: int | None = None):
+    train = MendTrainConfig(steps=steps, batch_size=2, checkpoint_every=4, val_every=8, lr=1e-2)
+    return train_editor(model, facts, facts[:2], NET, train, ZERO2_OFFLOAD, out, {"test": True}, fail_once_at)
+
+
+def test_zero2_offload_training_survives_a_worker_crash_and_resumes(tiny_llama_dir: str, facts: list[EditRequest],
+                                                                    local_ray: None, tmp_path: Path) -> None:
+    crashed = _train(tiny_llama_dir, facts, tmp_path / "crashed", steps=12, fail_once_at=6)
+    assert "killed itself at step 6" in (tmp_path / "crashed" / "injected_failure.txt").read_text()
+    assert [h["step"] for h in crashed.history] == [4, 8, 12]  # step 4's checkpoint carried the history over
+    assert "val_loss" in crashed.history[1] and crashed.history[-1]["peak_rss_mib"] > 0
+
+    clean = _train(tiny_llama_dir, facts, tmp_path / "clean", steps=12)
+    assert not (tmp_path / "clean" / "injected_failure.txt").exists()
+    crashed_net, document = load_net(crashed.editor_dir)
+    clean_net, _ = load_net(clean.editor_dir)
+    assert document["trained_steps"] == 12 and document["test"] is True
+    moved = False
+    for key, value in clean_net.state_dict().items():  # resuming replays exactly the rows and optimizer state
+        assert torch.allclose(crashed_net.state_dict()[key], value, atol=1e-6), key
+        if key.endswith(".up"):
+            moved |= bool(value.abs().max() > 0)
+    assert moved, "training left the editor at its identity initialisation"
+
+    # the same run, asked for more steps: it continues from its step-12 checkpoint
+    resumed = _train(tiny_llama_dir, facts, tmp_path / "crashed", steps=16)
+    assert [h["step"] for h in resumed.history] == [4, 8, 12, 16]
+    assert resumed.history[:3] == crashed.history
+
+    loaded = load_model(tiny_llama_dir)
+    artifact = make_editor("mend", editor=str(resumed.editor_dir), check_base=False).edit(loaded, facts)
+    assert {d.rank for d in artifact.deltas.values()} and all(d.dense is None for d in artifact.deltas.values())
+    batch = completion_batch(loaded.tokenizer, [(facts[0].prompt, facts[0].target_new)])
+    before = completion_logits(loaded.model, batch)
+    with artifact.attached(loaded.model):
+        assert not torch.allclose(completion_logits(loaded.model, batch), before)
+    assert torch.equal(completion_logits(loaded.model, batch), before)
+
+
+def test_train_editor_then_edit_and_eval_on_smollm2(tmp_path: Path, local_ray: None, smollm2_available: None,
+                                                    counterfact_rows: Callable[..., list[dict]],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    train, val = tmp_path / "train.json", tmp_path / "val.json"
+    train.write_text(json.dumps(counterfact_rows(8, "train")), encoding="utf-8")
+    val.write_text(json.dumps(counterfact_rows(2, "val")), encoding="utf-8")
+    out = tmp_path / "mend"
+    code = main(["train-editor", "--model", "smollm2-135m", "--facts", str(train), "--val", str(val), "--steps", "4",
+                 "--batch-size", "2", "--workers", "2", "--zero-stage", "2", "--offload", "--no-mlflow", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "trained 4 steps on 2 worker(s) (ZeRO stage 2, offload)" in captured.out
+    assert (out / "training.png").stat().st_size > 0
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["step"] == 4 and history[-1]["edit_nll"] > 0 and "val_edit_nll" in history[-1]
+
+    artifact_dir = tmp_path / "edit"
+    code = main(["edit", "--model", "smollm2-135m", "--method", "mend", "--editor", str(out / "editor"),
+                 "--facts", str(val), "--out", str(artifact_dir)])
+    assert code == 0, capsys.readouterr().err
+    artifact = load_artifact(artifact_dir)
+    assert artifact.meta.method == "mend" and len(artifact.deltas) == 6  # mlp_in + mlp_out of the last 3 layers
+    assert all(d.dense is None and d.rank >= 2 for d in artifact.deltas.values())
+    capsys.readouterr()
+    code = main(["eval", "--model", "smollm2-135m", "--artifact", str(artifact_dir), "--facts", str(val), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    metrics = json.loads(captured.out)
+    assert len(metrics["rows"]) == 2 and 0.0 <= metrics["edit_success"] <= 1.0 and 0.0 <= metrics["locality"] <= 1.0
