@@ -303,6 +303,7 @@ class RunRecord:
     table_rows: list[dict[str, Any]] = field(default_factory=list)
     table_file: str = "results/before_after_table.json"
     series: list[dict[str, Any]] = field(default_factory=list)  # stream checkpoints, logged as stream_* curves
+    editor_history: list[dict[str, Any]] = field(default_factory=list)  # editor training, logged as editor_* curves
 
 
 def log_pipeline_run(run: TrackedRun, record: RunRecord) -> None:
@@ -318,6 +319,8 @@ def log_pipeline_run(run: TrackedRun, record: RunRecord) -> None:
         run.log_table(record.table_rows, record.table_file)
     if record.series:
         run.log_metric_series(record.series, "edits", "stream_")
+    if record.editor_history:
+        run.log_metric_series(record.editor_history, "step", "editor_")
 
 
 # ---------------------------------------------------------------------------------------

@@ -718,9 +718,9 @@ def _cmd_train_editor(args: argparse.Namespace) -> int:
     from tasks.mend_train import DistributedConfig
     from tasks.sharding import ray_connected
 
-    load_facts(args.facts)  # bad facts fail before Ray starts
+    load_facts(args.facts, allow_conflicts=True)  # bad facts fail before Ray starts
     if args.val:
-        load_facts(args.val)
+        load_facts(args.val, allow_conflicts=True)
     net_overrides: dict[str, Any] = {}
     if args.layers:
         net_overrides["layers"] = args.layers

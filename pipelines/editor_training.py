@@ -75,8 +75,8 @@ def train_editor_run(spec: EditorTrainingSpec, out: str | Path, fail_once_at: in
     from editing_core.models import load_model
 
     out = Path(out)
-    requests = load_facts(spec.facts)
-    val = load_facts(spec.val)[: spec.train.val_rows] if spec.val else []
+    requests = load_facts(spec.facts, allow_conflicts=True)  # training edits, one per row
+    val = load_facts(spec.val, allow_conflicts=True)[: spec.train.val_rows] if spec.val else []
     if spec.max_rows is not None:
         requests = requests[: spec.max_rows]
     missing = [i for i, r in enumerate(requests) if not r.locality_prompt]

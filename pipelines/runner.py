@@ -18,6 +18,7 @@ the caller initialised is used and left running; one this runner started is shut
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -104,6 +105,7 @@ class _Outcome:
     report: "EvalReport | None" = None
     seconds: dict[str, float] = field(default_factory=dict)
     series: list[dict[str, Any]] = field(default_factory=list)  # stream checkpoints (stream_every > 0)
+    editor_training: dict[str, Any] = field(default_factory=dict)  # an edit step's trained editor (mend / salem)
 
 
 def run_pipeline(
@@ -256,6 +258,10 @@ def _run_steps(spec: PipelineSpec, inputs: _Inputs) -> _Outcome:
 
     outcome = _Outcome()
     requests = requests_to_dicts(inputs.requests)
+    if spec.edit is not None and spec.edit.train is not None:  # before the model worker takes its CPUs
+        started = time.perf_counter()
+        outcome.editor_training = _train_editor_step(spec)
+        outcome.seconds["train editor"] = time.perf_counter() - started
     worker = start_model_worker(spec.model, spec.resources.cpus)
     phases: list[tuple[str, Callable[[], None]]] = [
         ("load model", lambda: outcome.worker.update(_get(worker.describe.remote()))),
@@ -274,6 +280,33 @@ def _run_steps(spec: PipelineSpec, inputs: _Inputs) -> _Outcome:
     finally:
         ray.kill(worker)
     return outcome
+
+
+def _train_editor_step(spec: PipelineSpec) -> dict[str, Any]:
+    """Train (or reuse, or resume) the edit step's editor; returns what the run logs about it."""
+    from editing_core.config import load_config
+    from editing_core.editors.mend import NET_CONFIG_NAME, MendNetConfig, MendTrainConfig
+    from pipelines.editor_training import EditorTrainingSpec, train_editor_run
+    from tasks.mend_train import HISTORY_NAME, DistributedConfig
+
+    assert spec.edit is not None and spec.edit.train is not None
+    t = spec.edit.train
+    out = Path(t.out)
+    train = load_config(MendTrainConfig, t.train)
+    trained = out / "editor" / NET_CONFIG_NAME
+    if trained.is_file() and json.loads(trained.read_text()).get("trained_steps", 0) >= train.steps:
+        log.info("reusing the editor in %s (trained %d steps)", out / "editor", train.steps)
+    else:
+        training = EditorTrainingSpec(
+            model=spec.model, facts=Path(t.facts), val=Path(t.val) if t.val else None,
+            net=load_config(MendNetConfig, t.net), train=train,
+            distributed=DistributedConfig(workers=t.workers, cpus_per_worker=t.cpus_per_worker, zero_stage=t.zero_stage, offload=t.offload),
+            salient=spec.edit.method == "salem", saliency_rows=t.saliency_rows, max_rows=t.max_rows)
+        train_editor_run(training, out)
+    files = [p for p in (out / "training.png", out / HISTORY_NAME, out / "saliency" / "saliency.json", out / "saliency" / "saliency.png") if p.is_file()]
+    document = json.loads(trained.read_text())
+    return {"history": json.loads((out / HISTORY_NAME).read_text()), "files": files,
+            "salient_layer": document.get("salient_layer"), "trained_steps": document.get("trained_steps")}
 
 
 def _validate_step(worker: Any, spec: PipelineSpec, inputs: _Inputs, requests: list[dict[str, Any]], outcome: _Outcome) -> None:
@@ -377,6 +410,10 @@ def _end_record(spec: PipelineSpec, outcome: _Outcome, metrics: dict[str, Any], 
     chart = report.plot_before_after(metrics, results / "metrics.png", f"{spec.name}: {spec.model}")
     if chart is not None:
         files.append(chart)
+    if outcome.editor_training:
+        record.editor_history = outcome.editor_training["history"]
+        record.files += [(path, "editor_training") for path in outcome.editor_training["files"]]
+        record.tags.update(salient_layer=outcome.editor_training["salient_layer"], editor_trained_steps=outcome.editor_training["trained_steps"])
     if outcome.series:
         record.series = outcome.series
         files.append(report.write_json(outcome.series, results / "stream.json"))

@@ -61,6 +61,36 @@ class ValidateStep:
 
 
 @dataclass(frozen=True)
+class EditorTrainSpec:
+    """`train:` of a mend / salem edit step: train the editor network first (Ray Train +
+    DeepSpeed; see pipelines/editor_training.py), then edit with it. method salem picks the
+    edited layer by saliency over the first `saliency_rows` training facts.
+
+    facts:         training facts (each with a locality prompt); val: validation facts.
+    out:           directory of the training run; the editor lands in out/editor. A pipeline
+                   run whose out already holds an editor trained for `train.steps` steps reuses
+                   it; one with fewer steps resumes the training from its last checkpoint.
+    net / train:   MendNetConfig / MendTrainConfig fields (editing_core/editors/mend.py), strict.
+    workers, cpus_per_worker, zero_stage, offload: as tasks.mend_train.DistributedConfig.
+    saliency_rows: facts scored to choose the salient layer (salem).
+    max_rows:      train on at most this many facts (None: all).
+    Paths are relative to the pipeline file's directory.
+    """
+
+    facts: str
+    out: str
+    val: str | None = None
+    net: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    workers: int = 2
+    cpus_per_worker: int = 1
+    zero_stage: int = 2
+    offload: bool = False
+    saliency_rows: int = 20
+    max_rows: int | None = None
+
+
+@dataclass(frozen=True)
 class EditStep:
     """Edit the model with `method`; `config` is the method's config as plain data.
 
@@ -71,11 +101,15 @@ class EditStep:
     editing, e.g. GRACE) and every N edits logs edit / test retention, paraphrase accuracy,
     codebook size and seconds per edit as MLflow curves (stream_*), with stream.json and
     stream.png; test retention uses the heldout pairs, else the requests' locality pairs.
+
+    train: mend / salem only: train the editor before editing (see EditorTrainSpec); the
+    config's `editor` is then the trained one. Without it, `config.editor` names a trained editor.
     """
 
     method: str
     config: dict[str, Any] = field(default_factory=dict)
     stream_every: int = 0
+    train: EditorTrainSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +205,8 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineSpec:
     _check_text_field(raw.model, where, "model")
     kinds, edit, evaluate = _parse_steps(raw.steps, where)
     base = source.resolve().parent
+    if edit is not None:
+        edit = _resolve_editor_paths(edit, base, where, f"steps[{kinds.index('edit')}].edit")
     facts = _existing_file(raw.facts, base, where, "facts", directory_ok=True)
     heldout = _existing_file(raw.heldout, base, where, "heldout") if raw.heldout is not None else None
     if raw.registry.name is not None:
@@ -321,6 +357,39 @@ def _parse_edit(body: Any, where: str, path: str) -> EditStep:
     config_class = EDITORS[step.method].config_class
     config = _load_section(config_class, step.config, where, f"{path}.config")
     return dataclasses.replace(step, config=config_to_dict(config))
+
+
+def _resolve_editor_paths(step: EditStep, base: Path, where: str, path: str) -> EditStep:
+    """mend / salem: the editor directory and the training files relative to the YAML file; the
+    training's net and train configs checked strictly; `config.editor` set to what the training
+    writes. Other methods: `train` is refused."""
+    if "editor" not in step.config:
+        if step.train is not None:
+            raise ConfigError(f"{where}: {path}.train: method {step.method!r} trains no editor (mend and salem do)")
+        return step
+    config = dict(step.config)
+    if step.train is None:
+        if not config["editor"]:
+            raise ConfigError(f"{where}: {path}.config.editor: {step.method} needs a trained editor directory, or a `train:` section")
+        config["editor"] = str((base / Path(config["editor"]).expanduser()).resolve())
+        if not Path(config["editor"]).is_dir():
+            raise ConfigError(f"{where}: {path}.config.editor: {config['editor']} is not a directory")
+        return dataclasses.replace(step, config=config)
+    from editing_core.editors.mend import MendNetConfig, MendTrainConfig
+
+    train = step.train
+    if config["editor"]:
+        raise ConfigError(f"{where}: {path}: give either config.editor (a trained editor) or train (train one), not both")
+    _load_section(MendNetConfig, train.net, where, f"{path}.train.net")
+    _load_section(MendTrainConfig, train.train, where, f"{path}.train.train")
+    out = (base / Path(train.out).expanduser()).resolve()
+    facts = _existing_file(train.facts, base, where, f"{path}.train.facts")
+    load_facts(facts, allow_conflicts=True)  # bad training rows fail here, naming file, row and field
+    resolved = dataclasses.replace(
+        train, facts=str(facts), out=str(out),
+        val=str(_existing_file(train.val, base, where, f"{path}.train.val")) if train.val else None)
+    config["editor"] = str(out / "editor")
+    return dataclasses.replace(step, config=config, train=resolved)
 
 
 def _existing_file(value: str, base: Path, where: str, path: str, directory_ok: bool = False) -> Path:

@@ -455,7 +455,7 @@ def _in_file_order(problems: list[FactProblem]) -> list[FactProblem]:
     return sorted(problems, key=key)
 
 
-def _validate(raw: _RawRows) -> tuple[str, list[EditRequest]]:
+def _validate(raw: _RawRows, allow_conflicts: bool = False) -> tuple[str, list[EditRequest]]:
     """Turn raw rows into requests, or raise FactsValidationError with every problem found."""
     rows = _mapping_rows(raw)
     fmt = _detect(raw, [row for _, row in rows])
@@ -470,7 +470,7 @@ def _validate(raw: _RawRows) -> tuple[str, list[EditRequest]]:
         raw.problems.extend(problems)
         if request is None:
             continue
-        conflict = _conflict(request, location, seen, target_key, raw.file)
+        conflict = None if allow_conflicts else _conflict(request, location, seen, target_key, raw.file)
         if conflict is not None:
             raw.problems.append(conflict)
         requests.append(request)
@@ -483,8 +483,9 @@ def _validate(raw: _RawRows) -> tuple[str, list[EditRequest]]:
 # Public entry points
 
 
-def load_facts_with_format(path: str | os.PathLike[str]) -> tuple[str, list[EditRequest]]:
+def load_facts_with_format(path: str | os.PathLike[str], allow_conflicts: bool = False) -> tuple[str, list[EditRequest]]:
     """Load and validate a facts file; returns its format ("generic", ...) and the requests.
+    `allow_conflicts`: see `load_facts`.
 
     Raises FactsValidationError listing every problem (missing file, unsupported extension,
     bad rows, conflicting targets), each with its line or record and field.
@@ -500,12 +501,12 @@ def load_facts_with_format(path: str | os.PathLike[str]) -> tuple[str, list[Edit
         message = (f"unsupported file extension {extension}; supported: "
                    f"{', '.join(SUPPORTED_EXTENSIONS)}")
         raise FactsValidationError([FactProblem(name, None, None, message)])
-    fmt, requests = _validate(reader(file, name))
+    fmt, requests = _validate(reader(file, name), allow_conflicts)
     logger.info("loaded %d edit requests (%s format) from %s", len(requests), fmt, name)
     return fmt, requests
 
 
-def load_facts(path: str | os.PathLike[str]) -> list[EditRequest]:
+def load_facts(path: str | os.PathLike[str], allow_conflicts: bool = False) -> list[EditRequest]:
     """Load and validate a facts file (JSONL, JSON array, CSV or parquet; generic, CounterFact
     or zsRE rows); each request's `source` says where it came from ("facts.jsonl line 3").
 
@@ -514,10 +515,14 @@ def load_facts(path: str | os.PathLike[str]) -> list[EditRequest]:
     a fact repeated in a later file is kept once, and a prompt given different targets in two
     files is an error naming both places.
 
+    `allow_conflicts`: a prompt may carry different targets in different rows. An edit batch
+    must not (the model cannot learn both), but a training set for an editor network may: each
+    row is a separate training edit (CounterFact train has 74 such prompts).
+
     Raises FactsValidationError listing every problem at once.
     """
     if not Path(path).is_dir():
-        return load_facts_with_format(path)[1]
+        return load_facts_with_format(path, allow_conflicts)[1]
     if any((Path(path) / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
         return _load_saved_dataset(Path(path))
     files = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS)
@@ -529,13 +534,13 @@ def load_facts(path: str | os.PathLike[str]) -> list[EditRequest]:
     first_seen: dict[str, EditRequest] = {}
     for file in files:
         try:
-            loaded = load_facts_with_format(file)[1]
+            loaded = load_facts_with_format(file, allow_conflicts)[1]
         except FactsValidationError as exc:
             problems += exc.problems
             continue
         for request in loaded:
             first = first_seen.setdefault(request.prompt, request)
-            if first is request:
+            if first is request or (allow_conflicts and first.target_new != request.target_new):
                 requests.append(request)
             elif first.target_new != request.target_new:
                 problems.append(FactProblem(request.source or os.fspath(file), None, "target_new", (

@@ -85,7 +85,9 @@ class MendNetConfig:
     roles:         which weights of each layer (mlp_in, mlp_out, attn_out).
     rank:          rank of each residual block's U V (the editor's hidden size).
     blocks:        number of residual blocks (the paper uses 2).
-    edit_lr_init:  starting value of every per-layer edit rate eta_l.
+    edit_lr_init:  starting value of every per-layer edit rate eta_l. 1e-3 is the best plain
+                   gradient step for a batch of CounterFact facts on SmolLM2-135M (edit NLL
+                   10.0 -> 8.5; 1e-2 already overshoots), so training starts from a useful edit.
     factors:       `tokens`: one (u, delta) pair per token (MEND); `svd`: the top-`svd_rank`
                    singular pairs of the gradient summed over each group of `svd_group`
                    requests (SaLEM).
@@ -98,7 +100,7 @@ class MendNetConfig:
     roles: tuple[str, ...] = ("mlp_in", "mlp_out")
     rank: int = 64
     blocks: int = 2
-    edit_lr_init: float = 1e-4
+    edit_lr_init: float = 1e-3
     factors: str = "tokens"
     svd_rank: int = 8
     svd_group: int = 10
@@ -124,7 +126,10 @@ class MendTrainConfig:
 
     steps:            optimizer steps.
     batch_size:       edit requests per step on each worker (edited together, as a batch).
-    lr:               Adam learning rate of the editor's parameters.
+    lr:               Adam learning rate of the editor's parameters. The paper trains for tens of
+                      thousands of steps at 1e-6; for runs of a few hundred steps on a CPU, 1e-3
+                      lowered the SmolLM2-135M training loss faster than 1e-4 (0.70 vs 0.78 after
+                      60 steps of 2 facts, from 0.88).
     edit_lr_lr:       Adam learning rate of the per-layer edit rates eta_l (the paper's lr_lr).
     c_edit:           weight of the edit NLL on the prompt and its rephrases after the edit.
     c_loc:            weight of the KL between the pre- and post-edit model on locality texts.
@@ -137,8 +142,8 @@ class MendTrainConfig:
 
     steps: int = 500
     batch_size: int = 4
-    lr: float = 1e-4
-    edit_lr_lr: float = 1e-4
+    lr: float = 1e-3
+    edit_lr_lr: float = 1e-3
     c_edit: float = 0.1
     c_loc: float = 1.0
     grad_clip: float = 100.0

@@ -591,3 +591,20 @@ def test_a_dataset_saved_to_disk_is_a_facts_source(tmp_path):
     datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(FactsValidationError, match="record 1, field 'target_new'"):
         load_facts(tmp_path / "bad")
+
+
+def test_a_training_set_may_give_one_prompt_several_targets(tmp_path):
+    from editing_core.data import FactsValidationError, load_facts
+
+    rows = [{"prompt": "Bob works for", "target_new": "Sega"}, {"prompt": "Bob works for", "target_new": "Nokia"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(FactsValidationError, match="prompt already given"):
+        load_facts(path)
+    assert [r.target_new for r in load_facts(path, allow_conflicts=True)] == ["Sega", "Nokia"]
+    (tmp_path / "more").mkdir()
+    for i, row in enumerate(rows):
+        (tmp_path / "more" / f"{i}.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(FactsValidationError, match="prompt already given"):
+        load_facts(tmp_path / "more")
+    assert [r.target_new for r in load_facts(tmp_path / "more", allow_conflicts=True)] == ["Sega", "Nokia"]

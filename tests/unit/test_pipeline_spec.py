@@ -239,3 +239,36 @@ def test_edit_step_is_plain_data_for_ray(workdir: Path) -> None:
     spec = load_pipeline(write_spec(workdir, spec_document()))
     assert isinstance(spec.edit, EditStep)
     assert json.loads(json.dumps(spec.edit.config)) == spec.edit.config
+
+
+def _edit_steps(edit: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"validate": {}}, {"edit": edit}, {"evaluate": {"generated": False}}]
+
+
+def test_mend_and_salem_steps_resolve_the_editor_and_its_training_relative_to_the_file(workdir: Path) -> None:
+    (workdir / "editors" / "mend").mkdir(parents=True)
+    spec = load_pipeline(write_spec(workdir, spec_document(steps=_edit_steps(
+        {"method": "mend", "config": {"editor": "editors/mend"}}))))
+    assert spec.edit.config["editor"] == str((workdir / "editors" / "mend").resolve()) and spec.edit.train is None
+
+    write_facts(workdir / "train.jsonl", [FACT])
+    spec = load_pipeline(write_spec(workdir, spec_document(steps=_edit_steps({
+        "method": "salem", "train": {"facts": "train.jsonl", "out": "editors/salem", "zero_stage": 3,
+                                     "net": {"rank": 8}, "train": {"steps": 30}}}))))
+    train = spec.edit.train
+    assert train.facts == str(workdir / "train.jsonl") and train.out == str(workdir / "editors" / "salem")
+    assert train.zero_stage == 3 and train.net == {"rank": 8} and train.train == {"steps": 30}
+    assert spec.edit.config["editor"] == str(workdir / "editors" / "salem" / "editor")
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"method": "mend"}, "steps[1].edit.config.editor: mend needs a trained editor directory, or a `train:` section"),
+    ({"method": "mend", "config": {"editor": "nowhere"}}, "is not a directory"),
+    ({"method": "ft", "train": {"facts": "facts.jsonl", "out": "e"}}, "steps[1].edit.train: method 'ft' trains no editor"),
+    ({"method": "mend", "config": {"editor": "e"}, "train": {"facts": "facts.jsonl", "out": "e"}}, "not both"),
+    ({"method": "mend", "train": {"facts": "facts.jsonl", "out": "e", "net": {"rnak": 8}}}, "steps[1].edit.train.net"),
+    ({"method": "mend", "train": {"facts": "missing.jsonl", "out": "e"}}, "steps[1].edit.train.facts"),
+])
+def test_bad_editor_steps_name_the_field(workdir: Path, edit: dict[str, Any], expected: str) -> None:
+    (workdir / "e").mkdir()
+    assert expected in load_error(write_spec(workdir, spec_document(steps=_edit_steps(edit))))

@@ -1,0 +1,154 @@
+"""FT, FT+KL, MEND and SaLEM on CounterFact val: single edits and batches, every metric, speed.
+
+    # editors trained first, e.g.
+    editflow train-editor --model smollm2-135m --facts ../shared/data/counterfact/train.json \
+        --val ../shared/data/counterfact/val.json --steps 800 --out /tmp/bench/mend
+    editflow train-editor ... --salient --out /tmp/bench/salem
+    .venv/bin/python benchmarks/mend_salem.py --n 200 --batches 1,10 \
+        --mend /tmp/bench/mend/editor --salem /tmp/bench/salem/editor \
+        --json docs/results/mend_salem.json --plot docs/results/mend_salem.png
+
+The first N val rows are edited in consecutive groups of B (B=1: the usual one-fact protocol;
+B=10: ten facts in one edit), each group scored before and after with editing_core.evaluate
+(edit success, paraphrase, locality, drawdown on held-out pairs the model knows, teacher-forced
+and generated) and detached again. Metrics are means over rows (group means weighted by size).
+FT / FT+KL use the same settings as benchmarks/ft_vs_ftkl.py (FT+KL anchors from the train split).
+
+--latency: a MEND edit's wall time divided by one forward+backward of the base model on the same
+prompt (gradients of the edited weights only, which is what a gradient edit needs), median of
+--latency-reps single-fact edits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.ft_vs_ftkl import COLUMNS, known_heldout, load_rows, method_overrides
+from editing_core.editors import make_editor
+from editing_core.evaluate import EvalConfig, evaluate
+from editing_core.models import load_model
+from editing_core.tokens import completion_batch, completion_logits, completion_nll
+
+
+def make_method(method: str, editors: dict[str, str], n_kl_texts: int, n_swaps: int) -> Any:
+    if method in ("mend", "salem"):
+        if not editors.get(method):
+            raise SystemExit(f"--{method} DIR is needed to benchmark {method}")
+        return make_editor(method, editor=editors[method])
+    return make_editor(method, **method_overrides(method, n_kl_texts, n_swaps))
+
+
+def run_method(loaded: Any, editor: Any, requests: list, batch: int, heldout: list, generated: bool) -> dict[str, Any]:
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    seconds: list[float] = []
+    groups = [requests[i : i + batch] for i in range(0, len(requests), batch)]
+    for group in tqdm(groups, desc=f"{editor.name} x{batch}"):
+        started = time.perf_counter()
+        artifact = editor.edit(loaded, group)
+        seconds.append((time.perf_counter() - started) / len(group))
+        metrics = evaluate(loaded, group, artifact, heldout=heldout, config=EvalConfig(generated=generated)).metrics
+        for key in COLUMNS:
+            if metrics.get(key) is not None:
+                weight = len(group) if key != "drawdown" else 1
+                sums[key] = sums.get(key, 0.0) + metrics[key] * weight
+                counts[key] = counts.get(key, 0) + weight
+    summary: dict[str, Any] = {key: sums[key] / counts[key] for key in sums}
+    summary.update(seconds_per_edit=sum(seconds) / len(seconds), seconds_per_edit_median=median(seconds),
+                   n_edits=len(requests), batch=batch)
+    return summary
+
+
+def latency(loaded: Any, editor: Any, requests: list, reps: int) -> dict[str, float]:
+    """Median wall time of a single-fact MEND edit and of one forward+backward on its prompt."""
+    names = editor.edited_params(loaded)
+    params = [loaded.model.get_parameter(n) for n in names]
+    edit_s, fwd_bwd_s = [], []
+    for request in requests[:reps]:
+        started = time.perf_counter()
+        editor.edit(loaded, [request])
+        edit_s.append(time.perf_counter() - started)
+        batch = completion_batch(loaded.tokenizer, [(request.prompt, request.target_new)])
+        for p in params:
+            p.requires_grad_(True)
+        started = time.perf_counter()
+        loss = completion_nll(completion_logits(loaded.model, batch), batch).sum()
+        torch.autograd.grad(loss, params)
+        fwd_bwd_s.append(time.perf_counter() - started)
+        for p in params:
+            p.requires_grad_(False)
+    return {"edit_s": median(edit_s), "forward_backward_s": median(fwd_bwd_s), "ratio": median(edit_s) / median(fwd_bwd_s)}
+
+
+def markdown(results: dict[str, dict]) -> str:
+    header = ["method", "batch", *COLUMNS, "seconds_per_edit"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for summary in results.values():
+        cells = [summary["method"], str(summary["batch"])] + [
+            f"{summary[k]:.3f}" if summary.get(k) is not None else "n/a" for k in header[2:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: Path, title: str) -> None:
+    from pipelines.report import plot_bars
+
+    scored = [c for c in COLUMNS if c != "drawdown"]
+    plot_bars({label: [r.get(c) or 0.0 for c in scored] for label, r in results.items()}, scored, path, title)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--n", type=int, default=200, help="val rows edited")
+    parser.add_argument("--batches", default="1,10", help="facts per edit, comma-separated")
+    parser.add_argument("--methods", default="ft,ft_kl,mend,salem")
+    parser.add_argument("--mend", help="trained MEND editor directory")
+    parser.add_argument("--salem", help="trained SaLEM editor directory")
+    parser.add_argument("--heldout", type=int, default=50, help="held-out known pairs for drawdown")
+    parser.add_argument("--kl-texts", type=int, default=16)
+    parser.add_argument("--subject-swaps", type=int, default=8)
+    parser.add_argument("--no-generated", action="store_true", help="skip the generated metrics (faster)")
+    parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--latency-reps", type=int, default=20)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    loaded = load_model(args.model)
+    requests = load_rows("val", args.n)
+    heldout = known_heldout(loaded, args.heldout)
+    editors = {"mend": args.mend, "salem": args.salem}
+    results: dict[str, dict] = {}
+    previous = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        editor = make_method(method, editors, args.kl_texts, args.subject_swaps)
+        for batch in [int(b) for b in args.batches.split(",")]:
+            label = f"{method} x{batch}"
+            results[label] = {"method": method, **run_method(loaded, editor, requests, batch, heldout, not args.no_generated)}
+            print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in results[label].items()}, flush=True)
+        if args.latency and method in ("mend", "salem"):
+            results[f"{method} latency"] = {"method": method, "batch": 1, **latency(loaded, editor, requests, args.latency_reps)}
+            print(method, "latency", results[f"{method} latency"], flush=True)
+    print(markdown({k: v for k, v in results.items() if "latency" not in k}))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**previous.get("results", {}), **results} and {
+            "model": args.model, "n": args.n, "heldout": len(heldout),
+            "results": {**previous.get("results", {}), **results}}, indent=2))
+    if args.plot:
+        merged = {**previous.get("results", {}), **results}
+        plot({k: v for k, v in merged.items() if "latency" not in k}, args.plot, f"{args.model}: CounterFact val, {args.n} rows")
+
+
+if __name__ == "__main__":
+    main()
