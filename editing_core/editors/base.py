@@ -167,6 +167,15 @@ class FoldingSession(SequentialSession):
         return WeightDeltaArtifact(meta, deltas)
 
 
+def check_targets(layers: Sequence[int], roles: Sequence[str]) -> None:
+    """The layers and roles of an editor config: both non-empty, every role a known one."""
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown role(s) {unknown}; roles: {list(ROLES)}")
+    if not layers or not roles:
+        raise ValueError("layers and roles must not be empty")
+
+
 @dataclass(frozen=True)
 class WeightEditConfig:
     """Shared fields of the editors that fine-tune weights (FT, FT+KL).
@@ -195,11 +204,7 @@ class WeightEditConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.roles if r not in ROLES]
-        if unknown:
-            raise ValueError(f"unknown role(s) {unknown}; roles: {list(ROLES)}")
-        if not self.layers or not self.roles:
-            raise ValueError("layers and roles must not be empty")
+        check_targets(self.layers, self.roles)
         if self.steps < 1 or self.lr <= 0 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1 and lr > 0")
         if self.norm_constraint is not None and self.norm_constraint <= 0:

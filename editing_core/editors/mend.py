@@ -59,10 +59,9 @@ from torch import nn
 from ..artifacts import ArtifactError, EditArtifact, WeightDelta, WeightDeltaArtifact, weights_hash
 from ..config import config_to_dict, load_config
 from ..data.requests import EditRequest
-from ..models.architectures import ROLES
 from ..models.loading import LoadedModel
 from ..tokens import CompletionBatch, completion_batch, completion_logits, completion_nll, kl_from_reference, text_batch
-from .base import Editor, FoldingSession, register_editor
+from .base import Editor, FoldingSession, check_targets, register_editor
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +106,7 @@ class MendNetConfig:
     norm_eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.roles if r not in ROLES]
-        if unknown:
-            raise ValueError(f"unknown role(s) {unknown}; roles: {list(ROLES)}")
-        if not self.layers or not self.roles:
-            raise ValueError("layers and roles must not be empty")
+        check_targets(self.layers, self.roles)
         if self.rank < 1 or self.blocks < 1 or self.svd_rank < 1 or self.svd_group < 1:
             raise ValueError("rank, blocks, svd_rank and svd_group must be >= 1")
         if self.factors not in FACTORS:
