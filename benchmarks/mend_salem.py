@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.ft_vs_ftkl import COLUMNS, known_heldout, load_rows, method_overrides
+from ft_vs_ftkl import COLUMNS, known_heldout, load_rows, method_overrides  # benchmarks/ is on sys.path when a script here runs
 from editing_core.editors import make_editor
 from editing_core.evaluate import EvalConfig, evaluate
 from editing_core.models import load_model
@@ -140,13 +140,11 @@ def main() -> None:
             results[f"{method} latency"] = {"method": method, "batch": 1, **latency(loaded, editor, requests, args.latency_reps)}
             print(method, "latency", results[f"{method} latency"], flush=True)
     print(markdown({k: v for k, v in results.items() if "latency" not in k}))
+    merged = {**previous.get("results", {}), **results}  # runs of other methods stay in the file
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**previous.get("results", {}), **results} and {
-            "model": args.model, "n": args.n, "heldout": len(heldout),
-            "results": {**previous.get("results", {}), **results}}, indent=2))
+        args.json.write_text(json.dumps({"model": args.model, "n": args.n, "heldout": len(heldout), "results": merged}, indent=2))
     if args.plot:
-        merged = {**previous.get("results", {}), **results}
         plot({k: v for k, v in merged.items() if "latency" not in k}, args.plot, f"{args.model}: CounterFact val, {args.n} rows")
 
 

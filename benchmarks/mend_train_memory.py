@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ray
 
-from benchmarks.ft_vs_ftkl import load_rows
+from ft_vs_ftkl import load_rows  # benchmarks/ is on sys.path when a script here runs
 from editing_core.editors.mend import MendNetConfig, MendTrainConfig
 from tasks.mend_train import DistributedConfig, train_editor
 

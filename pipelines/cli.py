@@ -709,8 +709,6 @@ def _cmd_saliency(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_editor(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from editing_core.config import load_config
     from editing_core.data import load_facts
     from editing_core.editors.mend import MendNetConfig, MendTrainConfig

@@ -227,6 +227,7 @@ def train_loop(config: dict) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray.train
+    from tqdm.auto import tqdm
 
     from editing_core.data import EditRequest
     from editing_core.editors.mend import MendNetConfig, MendTrainConfig, build_net, mend_loss, save_net, training_batch
@@ -256,7 +257,9 @@ def train_loop(config: dict) -> None:
 
     window: dict[str, float] = {}
     window_start = time.perf_counter()
-    for step in range(start + 1, train.steps + 1):
+    steps = tqdm(range(start + 1, train.steps + 1), desc="editor training", unit="step", initial=start,
+                 total=train.steps, disable=rank != 0, mininterval=30)  # one bar: rank 0's
+    for step in steps:
         if config.get("fail_once_at") == step and rank == world - 1 and not Path(config["fail_marker"]).exists():
             Path(config["fail_marker"]).write_text(f"worker {rank} killed itself at step {step}\n")
             os._exit(1)  # an injected worker crash: Ray Train restarts the group from the last checkpoint
