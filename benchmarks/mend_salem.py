@@ -38,12 +38,18 @@ from editing_core.models import load_model
 from editing_core.tokens import completion_batch, completion_logits, completion_nll
 
 
-def make_method(method: str, editors: dict[str, str], n_kl_texts: int, n_swaps: int) -> Any:
+def make_method(spec: str, editors: dict[str, str], n_kl_texts: int, n_swaps: int) -> Any:
+    """`method` or `method:field=value,field=value` (config overrides, e.g. `ft:steps=4`)."""
+    method, _, settings = spec.partition(":")
+    overrides = {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
     if method in ("mend", "salem"):
         if not editors.get(method):
             raise SystemExit(f"--{method} DIR is needed to benchmark {method}")
-        return make_editor(method, editor=editors[method])
-    return make_editor(method, **method_overrides(method, n_kl_texts, n_swaps))
+        return make_editor(method, editor=editors[method], **overrides)
+    return make_editor(method, **{**method_overrides(method, n_kl_texts, n_swaps), **overrides})
 
 
 def run_method(loaded: Any, editor: Any, requests: list, batch: int, heldout: list, generated: bool) -> dict[str, Any]:
@@ -110,7 +116,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=200, help="val rows edited")
     parser.add_argument("--batches", default="1,10", help="facts per edit, comma-separated")
-    parser.add_argument("--methods", default="ft,ft_kl,mend,salem")
+    parser.add_argument("--methods", default="ft,ft_kl,mend,salem",
+                        help="comma-separated; `;` separates methods with overrides, e.g. 'ft:steps=4;ft:steps=8'")
     parser.add_argument("--mend", help="trained MEND editor directory")
     parser.add_argument("--salem", help="trained SaLEM editor directory")
     parser.add_argument("--heldout", type=int, default=50, help="held-out known pairs for drawdown")
@@ -130,13 +137,14 @@ def main() -> None:
     editors = {"mend": args.mend, "salem": args.salem}
     results: dict[str, dict] = {}
     previous = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    separator = ";" if ";" in args.methods or ":" in args.methods else ","
+    for method in [m.strip() for m in args.methods.split(separator) if m.strip()]:
         editor = make_method(method, editors, args.kl_texts, args.subject_swaps)
-        for batch in [int(b) for b in args.batches.split(",")]:
+        for batch in [int(b) for b in args.batches.split(",") if b.strip()]:  # --batches "": latency only
             label = f"{method} x{batch}"
             results[label] = {"method": method, **run_method(loaded, editor, requests, batch, heldout, not args.no_generated)}
             print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in results[label].items()}, flush=True)
-        if args.latency and method in ("mend", "salem"):
+        if args.latency and editor.name in ("mend", "salem"):
             results[f"{method} latency"] = {"method": method, "batch": 1, **latency(loaded, editor, requests, args.latency_reps)}
             print(method, "latency", results[f"{method} latency"], flush=True)
     print(markdown({k: v for k, v in results.items() if "latency" not in k}))

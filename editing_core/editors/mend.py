@@ -56,7 +56,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..artifacts import ArtifactError, EditArtifact, WeightDelta, WeightDeltaArtifact, weights_hash
+from ..artifacts import EditArtifact, WeightDelta, WeightDeltaArtifact, weights_hash
 from ..config import config_to_dict, load_config
 from ..data.requests import EditRequest
 from ..models.loading import LoadedModel
@@ -581,9 +581,8 @@ class MendEditor(Editor):
     def edited_params(self, loaded: LoadedModel) -> list[str]:
         return self.net()[0].param_names
 
-    def check_fits(self, loaded: LoadedModel, net: MendNet, document: Mapping[str, Any]) -> None:
-        """Refuse a model whose edited weights do not have the editor's shapes; warn (or refuse,
-        with check_base) when their values differ from the training model's."""
+    def check_shapes(self, loaded: LoadedModel, net: MendNet) -> None:
+        """Refuse a model whose edited weights do not have the editor's shapes."""
         try:
             actual = net_targets(loaded, net.config)
         except ValueError as exc:
@@ -592,8 +591,12 @@ class MendEditor(Editor):
             raise EditorFileError(
                 f"{self.config.editor}: trained for weights {net.targets}, but this model has {actual}"
             )
+
+    def check_weights(self, edited_hash: str, document: Mapping[str, Any]) -> None:
+        """Warn (or refuse, with check_base) when the edited weights (`edited_hash`: their
+        weights_hash) differ from those of the model the editor was trained on."""
         expected = document.get("base_hash")
-        if expected and weights_hash(loaded.model, net.param_names) != expected:
+        if expected and edited_hash != expected:
             message = (f"{self.config.editor}: trained on {document.get('base_model')!r}; the edited "
                        "weights of this model differ (another model, or edits attached)")
             if self.config.check_base:
@@ -601,7 +604,8 @@ class MendEditor(Editor):
             log.warning(message)
 
     def factors(self, loaded: LoadedModel, requests: Sequence[EditRequest]) -> dict[str, Factors]:
-        """The update factors of the trained editor for `requests` (checked with `check_fits` first)."""
+        """The update factors of the trained editor for `requests` (check the model first:
+        `check_shapes`, `check_weights`)."""
         net, _ = self.net()
         device = next(loaded.model.parameters()).device
         net.to(device).eval()
@@ -613,12 +617,11 @@ class MendEditor(Editor):
         if not requests:
             raise ValueError("an edit needs at least one request")
         net, document = self.net()
-        self.check_fits(loaded, net, document)
+        self.check_shapes(loaded, net)
         hashed = self.hashed_params(loaded, net.param_names, parent)
-        base_hash = weights_hash(loaded.model, hashed)
+        base_hash = weights_hash(loaded.model, hashed)  # hashing is a good part of a MEND edit's time: once
+        self.check_weights(base_hash if parent is None else weights_hash(loaded.model, net.param_names), document)
         deltas = weight_deltas(loaded, self.factors(loaded, requests))
-        if weights_hash(loaded.model, hashed) != base_hash:  # the edit must never change the model
-            raise ArtifactError("the model's weights changed while computing a MEND edit")
         return WeightDeltaArtifact(self._meta(loaded, requests, hashed, base_hash, parent), deltas)
 
     def sequential(self, loaded: LoadedModel, parent: EditArtifact | None = None) -> FoldingSession:
