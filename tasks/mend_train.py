@@ -134,7 +134,7 @@ class _Trainer:
 
             self.optimizer = torch.optim.Adam(groups)
             ids = [device.index] if device.type == "cuda" else None
-            self.engine = DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+            self.engine = DistributedDataParallel(net, device_ids=ids)  # rank 0's running norm stats win
             self.grad_clip = train.grad_clip
         else:
             import deepspeed

@@ -1,7 +1,7 @@
 """A `method: salem` pipeline end to end on a real local Ray and a real MLflow server, with the
 tiny Llama: saliency picks the layer, Ray Train + DeepSpeed trains the editor, the worker edits
-with it and the run logs the training curves, the saliency and the metrics; a second run reuses
-the trained editor instead of training again."""
+with it and the run logs the training curves, the saliency and the metrics. (Reusing a trained
+editor on a rerun is a unit test: tests/unit/test_pipeline_spec.py.)"""
 
 from __future__ import annotations
 
@@ -52,9 +52,3 @@ def test_salem_pipeline_trains_edits_evaluates_and_reuses_its_editor(
     artifact = json.loads((result.artifact_dir / "artifact.json").read_text())
     assert artifact["meta"]["method"] == "salem"
     assert all(f".layers.{layer}." in name for name in artifact["data"]["params"])
-
-    stamp = (chdir_tmp / "editors" / "salem" / "editor" / "editor.safetensors").stat().st_mtime_ns
-    again = run_pipeline(path, tracking_uri=mlflow_server, output_dir=chdir_tmp / "runs")
-    assert client.get_run(again.run_id).info.status == "FINISHED"
-    assert (chdir_tmp / "editors" / "salem" / "editor" / "editor.safetensors").stat().st_mtime_ns == stamp
-    assert client.get_run(again.run_id).data.metrics["seconds_train_editor"] < run.data.metrics["seconds_train_editor"]

@@ -272,3 +272,18 @@ def test_mend_and_salem_steps_resolve_the_editor_and_its_training_relative_to_th
 def test_bad_editor_steps_name_the_field(workdir: Path, edit: dict[str, Any], expected: str) -> None:
     (workdir / "e").mkdir()
     assert expected in load_error(write_spec(workdir, spec_document(steps=_edit_steps(edit))))
+
+
+def test_a_trained_editor_is_reused_without_starting_ray(workdir: Path) -> None:
+    from pipelines.runner import _train_editor_step
+
+    write_facts(workdir / "train.jsonl", [FACT])
+    spec = load_pipeline(write_spec(workdir, spec_document(steps=_edit_steps({
+        "method": "mend", "train": {"facts": "train.jsonl", "out": "editors/mend", "train": {"steps": 30}}}))))
+    out = workdir / "editors" / "mend"
+    (out / "editor").mkdir(parents=True)
+    (out / "editor" / "editor.json").write_text(json.dumps({"trained_steps": 30}), encoding="utf-8")
+    (out / "history.json").write_text(json.dumps([{"step": 30, "loss": 0.5}]), encoding="utf-8")
+    logged = _train_editor_step(spec)
+    assert logged["history"] == [{"step": 30, "loss": 0.5}] and logged["trained_steps"] == 30
+    assert logged["files"] == [out / "history.json"] and ray.is_initialized() is False
