@@ -433,6 +433,13 @@ def low_rank_pairs(u: torch.Tensor, delta: torch.Tensor, rank: int) -> tuple[tor
     return b.T.to(u.dtype), a.T.to(delta.dtype)
 
 
+def editor_inputs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], config: MendNetConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """What the editor sees: the token pairs (MEND) or their top singular pairs (SaLEM)."""
+    if config.factors == "svd":
+        return {n: low_rank_pairs(u, d, config.svd_rank) for n, (u, d) in pairs.items()}
+    return pairs
+
+
 def edit_pairs(loaded: LoadedModel, requests: Sequence[EditRequest], config: MendNetConfig,
                names: Sequence[str], batch_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The editor's input pairs for `requests`: token pairs (MEND), or the top singular pairs of
@@ -443,10 +450,7 @@ def edit_pairs(loaded: LoadedModel, requests: Sequence[EditRequest], config: Men
     for start in range(0, len(requests), step):
         group = requests[start : start + step]
         batch = completion_batch(loaded.tokenizer, [(r.prompt, r.target_new) for r in group]).to(device)
-        pairs = token_pairs(loaded, batch, names)
-        if config.factors == "svd":
-            pairs = {n: low_rank_pairs(u, d, config.svd_rank) for n, (u, d) in pairs.items()}
-        chunks.append(pairs)
+        chunks.append(editor_inputs(token_pairs(loaded, batch, names), config))
     return {n: (torch.cat([c[n][0] for c in chunks]), torch.cat([c[n][1] for c in chunks])) for n in names}
 
 
@@ -528,9 +532,7 @@ def mend_loss(net: MendNet, loaded: LoadedModel, batch: TrainingBatch, train: Me
     target_new on prompt + rephrases after the edit), locality_kl, edit_accuracy (share of those
     rows whose every target token is the argmax), pre_edit_nll."""
     names = net.param_names
-    pairs = token_pairs(loaded, batch.edit, names)
-    if net.config.factors == "svd":
-        pairs = {n: low_rank_pairs(u, d, net.config.svd_rank) for n, (u, d) in pairs.items()}
+    pairs = editor_inputs(token_pairs(loaded, batch.edit, names), net.config)
     factors = (call or net)(pairs)
     with edited_forward(loaded, factors):
         logits = completion_logits(loaded.model, batch.equivalent)
