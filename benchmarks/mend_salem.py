@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--no-generated", action="store_true", help="skip the generated metrics (faster)")
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--latency-reps", type=int, default=20)
+    parser.add_argument("--tag", default="", help="appended to the result labels (e.g. the editor's training steps)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -141,12 +142,13 @@ def main() -> None:
     for method in [m.strip() for m in args.methods.split(separator) if m.strip()]:
         editor = make_method(method, editors, args.kl_texts, args.subject_swaps)
         for batch in [int(b) for b in args.batches.split(",") if b.strip()]:  # --batches "": latency only
-            label = f"{method} x{batch}"
+            label = f"{method}{'@' + args.tag if args.tag else ''} x{batch}"
             results[label] = {"method": method, **run_method(loaded, editor, requests, batch, heldout, not args.no_generated)}
             print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in results[label].items()}, flush=True)
         if args.latency and editor.name in ("mend", "salem"):
-            results[f"{method} latency"] = {"method": method, "batch": 1, **latency(loaded, editor, requests, args.latency_reps)}
-            print(method, "latency", results[f"{method} latency"], flush=True)
+            label = f"{method}{'@' + args.tag if args.tag else ''} latency"
+            results[label] = {"method": method, "batch": 1, **latency(loaded, editor, requests, args.latency_reps)}
+            print(label, results[label], flush=True)
     print(markdown({k: v for k, v in results.items() if "latency" not in k}))
     merged = {**previous.get("results", {}), **results}  # runs of other methods stay in the file
     if args.json:

@@ -50,7 +50,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = load_rows("train", 200)
-    train = MendTrainConfig(steps=args.steps, batch_size=2, checkpoint_every=args.steps, val_every=0)
+    # no edit-rate calibration: it would add the same pre-training passes to every setup
+    train = MendTrainConfig(steps=args.steps, batch_size=2, checkpoint_every=args.steps, val_every=0, edit_lr_grid=())
     results = []
     ray.init(num_cpus=2, include_dashboard=False)
     try:

@@ -44,7 +44,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -205,8 +205,12 @@ class SaliencyScores:
     @property
     def chosen_layer(self) -> int:
         """The argmax of the layer scores; the lowest layer among ties."""
+        return self.chosen_among(range(len(self.layer_scores)))
+
+    def chosen_among(self, layers: Iterable[int]) -> int:
+        """The most salient of `layers` (non-negative indices); the lowest among ties."""
         values = self.layer_scores.tolist()
-        return max(range(len(values)), key=lambda i: (values[i], -i))
+        return max(layers, key=lambda i: (values[i], -i))
 
     @property
     def samples(self) -> int:

@@ -213,8 +213,11 @@ def _add_train_editor(commands: Any) -> None:
         "Runs on --workers Ray Train workers with DeepSpeed ZeRO --zero-stage (0: plain DDP),\n"
         "optimizer offload with --offload. Checkpoints every `checkpoint_every` steps; a failed\n"
         "worker resumes from the last one, and rerunning the same command (same --out) resumes a\n"
-        "stopped run. --salient (SaLEM): pick the most salient layer by gradient saliency first,\n"
-        "and train an editor of that layer on SVD-compressed gradients of groups of 10 requests.\n"
+        "stopped run. --salient (SaLEM): pick the most salient layer by gradient saliency first\n"
+        "(--salient-by edit_gain: the layer where one calibrated plain low-rank step lowers the\n"
+        "training loss most), and train an editor of that layer on SVD-compressed gradients of\n"
+        "groups of 10 requests. Each layer's edit rate starts where a plain step does best\n"
+        "(`edit_lr_grid` in --config; empty turns the search off).\n"
         "Writes DIR/editor (use it with `editflow edit --method mend|salem --editor DIR/editor`),\n"
         "DIR/history.json and DIR/training.png, and logs the run to MLflow.\n\n"
         "example:\n  editflow train-editor --model smollm2-135m --facts train.json --val val.json --steps 300 --out editors/mend",
@@ -225,6 +228,10 @@ def _add_train_editor(commands: Any) -> None:
     sub.add_argument("--layers", type=_layers, metavar="L1,L2", help="layers whose weights the editor edits (default: the last three)")
     sub.add_argument("--roles", metavar="R1,R2", help="weights edited in each layer (default: mlp_in,mlp_out)")
     sub.add_argument("--salient", action="store_true", help="SaLEM: the single most salient layer (overrides --layers)")
+    sub.add_argument("--salient-by", choices=("gradient", "edit_gain"), default="gradient",
+                     help="choose the SaLEM layer by gradient saliency (the paper) or by the loss after one calibrated "
+                          "plain low-rank step on each layer (default: gradient)")
+    sub.add_argument("--salient-layers", type=_layers, metavar="L1,L2", help="candidate layers for --salient (default: all)")
     sub.add_argument("--saliency-rows", type=int, default=20, metavar="R", help="facts scored to choose the salient layer (default: 20)")
     sub.add_argument("--max-rows", type=int, metavar="R", help="train on at most the first R facts")
     sub.add_argument("--steps", type=int, metavar="S", help="optimizer steps (overrides the config)")
@@ -729,15 +736,16 @@ def _cmd_train_editor(args: argparse.Namespace) -> int:
         net = load_config(MendNetConfig, args.net_config, **net_overrides)
         train = load_config(MendTrainConfig, args.config, **train_overrides)
         dist = DistributedConfig(workers=args.workers, cpus_per_worker=args.cpus_per_worker, zero_stage=args.zero_stage, offload=args.offload)
+        tracking = None
+        if not args.no_mlflow:
+            from infra.tracking import resolve_tracking_uri
+
+            tracking = resolve_tracking_uri(args.tracking_uri)
+        spec = EditorTrainingSpec(model=args.model, facts=args.facts, val=args.val, net=net, train=train, distributed=dist,
+                                  salient=args.salient, salient_by=args.salient_by, salient_layers=args.salient_layers or (),
+                                  saliency_rows=args.saliency_rows, max_rows=args.max_rows, tracking_uri=tracking)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    tracking = None
-    if not args.no_mlflow:
-        from infra.tracking import resolve_tracking_uri
-
-        tracking = resolve_tracking_uri(args.tracking_uri)
-    spec = EditorTrainingSpec(model=args.model, facts=args.facts, val=args.val, net=net, train=train, distributed=dist,
-                              salient=args.salient, saliency_rows=args.saliency_rows, max_rows=args.max_rows, tracking_uri=tracking)
     if (args.out / "ray_train").is_dir():
         print(f"resuming the run in {args.out} from its last checkpoint", file=sys.stderr)
     with ray_connected(args.address, dist.workers * dist.cpus_per_worker, "--workers x --cpus-per-worker", error=UsageError):

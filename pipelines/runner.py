@@ -301,9 +301,11 @@ def _train_editor_step(spec: PipelineSpec) -> dict[str, Any]:
             model=spec.model, facts=Path(t.facts), val=Path(t.val) if t.val else None,
             net=load_config(MendNetConfig, t.net), train=train,
             distributed=DistributedConfig(workers=t.workers, cpus_per_worker=t.cpus_per_worker, zero_stage=t.zero_stage, offload=t.offload),
-            salient=spec.edit.method == "salem", saliency_rows=t.saliency_rows, max_rows=t.max_rows)
+            salient=spec.edit.method == "salem", salient_by=t.salient_by, salient_layers=t.salient_layers,
+            saliency_rows=t.saliency_rows, max_rows=t.max_rows)
         train_editor_run(training, out)
-    files = [p for p in (out / "training.png", out / HISTORY_NAME, out / "saliency" / "saliency.json", out / "saliency" / "saliency.png") if p.is_file()]
+    files = [p for p in (out / "training.png", out / HISTORY_NAME, out / "saliency" / "saliency.json", out / "saliency" / "saliency.png",
+                         out / "edit_gain" / "edit_gain.json", out / "edit_gain" / "edit_gain.png") if p.is_file()]
     document = json.loads(trained.read_text())
     return {"history": json.loads((out / HISTORY_NAME).read_text()), "files": files,
             "salient_layer": document.get("salient_layer"), "trained_steps": document.get("trained_steps")}

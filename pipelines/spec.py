@@ -73,6 +73,9 @@ class EditorTrainSpec:
     net / train:   MendNetConfig / MendTrainConfig fields (editing_core/editors/mend.py), strict.
     workers, cpus_per_worker, zero_stage, offload: as tasks.mend_train.DistributedConfig.
     saliency_rows: facts scored to choose the salient layer (salem).
+    salient_by:    salem: `gradient` (layer saliency, the paper) or `edit_gain` (the layer whose
+                   calibrated plain low-rank step lowers the training loss most).
+    salient_layers: salem: the candidate layers (empty: all).
     max_rows:      train on at most this many facts (None: all).
     Paths are relative to the pipeline file's directory.
     """
@@ -87,6 +90,8 @@ class EditorTrainSpec:
     zero_stage: int = 2
     offload: bool = False
     saliency_rows: int = 20
+    salient_by: str = "gradient"
+    salient_layers: tuple[int, ...] = ()
     max_rows: int | None = None
 
 
@@ -382,6 +387,10 @@ def _resolve_editor_paths(step: EditStep, base: Path, where: str, path: str) -> 
         raise ConfigError(f"{where}: {path}: give either config.editor (a trained editor) or train (train one), not both")
     _load_section(MendNetConfig, train.net, where, f"{path}.train.net")
     _load_section(MendTrainConfig, train.train, where, f"{path}.train.train")
+    from editing_core.editors.salem import LAYER_CRITERIA
+
+    if train.salient_by not in LAYER_CRITERIA:
+        raise ConfigError(f"{where}: {path}.train.salient_by: must be one of {list(LAYER_CRITERIA)}, got {train.salient_by!r}")
     out = (base / Path(train.out).expanduser()).resolve()
     facts = _existing_file(train.facts, base, where, f"{path}.train.facts")
     load_facts(facts, allow_conflicts=True)  # bad training rows fail here, naming file, row and field

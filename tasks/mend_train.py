@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 STATE_TAG = "state"
 HISTORY_NAME = "history.json"
+CALIBRATION_NAME = "edit_lr_calibration.json"
 DDP_STATE_NAME = "ddp_state.pt"
 
 
@@ -205,6 +206,29 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return tensor.tolist()
 
 
+def _calibrate(net: Any, loaded: Any, rows: Sequence[Any], train: Any, rank: int) -> list[float]:
+    """Start the edit rates at their best plain-gradient values (`calibrate_edit_rates` on the
+    first `calibration_rows` training facts); every rank takes rank 0's choice."""
+    import torch
+
+    from editing_core.data import EditRequest
+    from editing_core.editors.mend import calibrate_edit_rates, training_batch
+
+    chosen = [0.0] * len(net.edit_lrs)
+    if rank == 0:
+        requests = [EditRequest.from_dict(r) for r in rows[: train.calibration_rows]]
+        batches = [training_batch(loaded, requests[i : i + train.batch_size]) for i in range(0, len(requests), train.batch_size)]
+        started = time.perf_counter()
+        records = calibrate_edit_rates(net, loaded, batches, train)
+        chosen = net.edit_lrs.tolist()
+        log.info("edit rates calibrated in %.1f s on %d facts: %s (grid losses: %s)", time.perf_counter() - started,
+                 len(requests), chosen, [(r["slot"], r["edit_lr"], round(r["loss"], 4)) for r in records])
+    chosen = _all_reduce(chosen)
+    with torch.no_grad():
+        net.edit_lrs.copy_(torch.tensor(chosen, dtype=net.edit_lrs.dtype))
+    return chosen
+
+
 def _validate(trainer: _Trainer, loaded: Any, rows: Sequence[Any], train: Any) -> dict[str, float]:
     """Mean MEND loss parts over the validation rows (every worker computes the same)."""
     from editing_core.editors.mend import mend_loss, training_batch
@@ -245,14 +269,19 @@ def train_loop(config: dict) -> None:
     loaded.model.eval().requires_grad_(False)
     rows = [EditRequest.from_dict(r) for r in config["rows"]][rank::world]
     val_rows = [EditRequest.from_dict(r) for r in config["val_rows"]]
-    trainer = _Trainer(build_net(loaded, net_config, seed=train.seed).train(), train, dist, device)
+    net = build_net(loaded, net_config, seed=train.seed).train()
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint and train.edit_lr_grid:
+        config["info"]["edit_lr_calibration"] = _calibrate(net, loaded, config["rows"], train, rank)
+    trainer = _Trainer(net, train, dist, device)
 
     start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             start = trainer.load(Path(directory))
             history = json.loads((Path(directory) / HISTORY_NAME).read_text())
+            if (Path(directory) / CALIBRATION_NAME).exists():  # the editor document keeps the starting rates
+                config["info"]["edit_lr_calibration"] = json.loads((Path(directory) / CALIBRATION_NAME).read_text())
         log.info("worker %d resumed at step %d", rank, start)
 
     window: dict[str, float] = {}
@@ -289,6 +318,8 @@ def train_loop(config: dict) -> None:
                         save_net(trainer.net, directory / "editor", {**config["info"], "trained_steps": step, "metrics": metrics})
                 if rank == 0:
                     (directory / HISTORY_NAME).write_text(json.dumps(history))
+                    if "edit_lr_calibration" in config["info"]:
+                        (directory / CALIBRATION_NAME).write_text(json.dumps(config["info"]["edit_lr_calibration"]))
                 has_files = any(directory.iterdir())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
             window, window_start = {}, time.perf_counter()

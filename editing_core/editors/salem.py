@@ -11,14 +11,26 @@ No public code exists; this is the reference implementation here. Three choices 
   - the editor is trained with the NLL of fail (prompt) and adapt (rephrase) samples after the
     edit and the KL of pass (locality) samples, MEND's loss on SaLEM's groups.
 Applying a SaLEM editor is applying a MEND editor; this class only checks the editor is one.
+
+Gradient saliency is not editability: on SmolLM2-135M it picks layer 0, where even the best
+plain rank-8 gradient step edits nothing (docs/benchmarks.md). `edit_gain_scan` ranks layers
+by what an edit there achieves instead: the training loss after one calibrated plain low-rank
+step (`train-editor --salient-by edit_gain`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
+from tqdm.auto import tqdm
+
+from ..data import EditRequest
+from ..models import LoadedModel
 from .base import register_editor
-from .mend import MendConfig, MendEditor, MendNetConfig
+from .mend import MendConfig, MendEditor, MendNetConfig, MendTrainConfig, build_net, calibrate_edit_rates, training_batch
+
+LAYER_CRITERIA = ("gradient", "edit_gain")
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,25 @@ def salem_net_config(layer: int, **overrides: object) -> MendNetConfig:
     """The editor network SaLEM trains: MEND's, on `layer` only, with SVD-aggregated gradients."""
     defaults: dict = {"layers": (layer,), "factors": "svd", "svd_group": 10}
     return MendNetConfig(**{**defaults, **overrides})
+
+
+def edit_gain_scan(loaded: LoadedModel, requests: Sequence[EditRequest], layers: Sequence[int], train: MendTrainConfig,
+                   net: MendNetConfig | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """For each of `layers`, an untrained SaLEM editor of that layer (its edit is the plain
+    rank-`svd_rank` gradient step of each batch) with its edit rate calibrated on `requests`
+    (batches of `train.batch_size`, the grid `train.edit_lr_grid`). One record per layer: layer,
+    the best edit_lr and its mean MEND loss parts (loss, edit_nll, locality_kl, edit_accuracy),
+    and `grid`, every rate's record. `net` gives the other editor fields (roles, svd_rank...)."""
+    base = net or MendNetConfig()
+    batches = [training_batch(loaded, requests[i : i + train.batch_size]) for i in range(0, len(requests), train.batch_size)]
+    results = []
+    for layer in tqdm(layers, desc="edit gain per layer", disable=not progress):
+        candidate = build_net(loaded, salem_net_config(layer, roles=base.roles, rank=base.rank, blocks=base.blocks,
+                                                       svd_rank=base.svd_rank, svd_group=base.svd_group))
+        records = calibrate_edit_rates(candidate, loaded, batches, train)
+        best = min(records, key=lambda r: r["loss"])
+        results.append({"layer": layer, **{k: v for k, v in best.items() if k != "slot"}, "grid": records})
+    return results
 
 
 @register_editor

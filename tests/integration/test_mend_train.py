@@ -42,6 +42,9 @@ def test_zero2_offload_training_survives_a_worker_crash_and_resumes(tiny_llama_d
 
     crashed_net, document = load_net(crashed.editor_dir)
     assert document["trained_steps"] == 12 and document["test"] is True
+    # the edit rates started at their calibrated values, and the document kept them across the crash
+    assert len(document["edit_lr_calibration"]) == len(crashed_net.targets)
+    assert set(document["edit_lr_calibration"]) <= set(MendTrainConfig().edit_lr_grid)
     assert any(v.abs().max() > 0 for k, v in crashed_net.state_dict().items() if k.endswith(".up")), \
         "training left the editor at its identity initialisation"
 
@@ -67,14 +70,18 @@ def test_train_editor_then_edit_on_smollm2(tmp_path: Path, local_ray: None, smol
     train.write_text(json.dumps(counterfact_rows(8, "train")), encoding="utf-8")
     val.write_text(json.dumps(counterfact_rows(2, "val")), encoding="utf-8")
     out = tmp_path / "mend"
+    config = tmp_path / "train.yaml"  # a short edit-rate search: two rates on one batch
+    config.write_text("edit_lr_grid: [1.0e-3, 1.0e-2]\ncalibration_rows: 2\n", encoding="utf-8")
     code = main(["train-editor", "--model", "smollm2-135m", "--facts", str(train), "--val", str(val), "--steps", "4",
-                 "--batch-size", "2", "--workers", "2", "--zero-stage", "2", "--offload", "--no-mlflow", "--out", str(out)])
+                 "--batch-size", "2", "--workers", "2", "--zero-stage", "2", "--offload", "--no-mlflow", "--config", str(config),
+                 "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "trained 4 steps on 2 worker(s) (ZeRO stage 2, offload)" in captured.out
     assert (out / "training.png").stat().st_size > 0
     history = json.loads((out / "history.json").read_text())
     assert history[-1]["step"] == 4 and history[-1]["edit_nll"] > 0 and "val_edit_nll" in history[-1]
+    assert set(load_net(out / "editor")[1]["edit_lr_calibration"]) <= {1e-3, 1e-2}
 
     artifact_dir = tmp_path / "edit"
     code = main(["edit", "--model", "smollm2-135m", "--method", "mend", "--editor", str(out / "editor"),

@@ -10,10 +10,10 @@ import torch
 from editing_core.artifacts import load_artifact, weights_hash
 from editing_core.editors import make_editor
 from editing_core.editors.mend import (
-    EditorFileError, MendNetConfig, MendTrainConfig, build_net, edit_pairs, load_net, low_rank_pairs,
-    mend_loss, parameter_groups, save_net, training_batch,
+    EditorFileError, MendNetConfig, MendTrainConfig, build_net, calibrate_edit_rates, edit_pairs, load_net,
+    low_rank_pairs, mend_loss, parameter_groups, save_net, training_batch,
 )
-from editing_core.editors.salem import salem_net_config
+from editing_core.editors.salem import edit_gain_scan, salem_net_config
 from editing_core.models.tiny import tiny_model
 from editing_core.tokens import completion_batch, completion_logits, completion_nll
 from tests.conftest import same_state, snapshot
@@ -129,6 +129,60 @@ def test_a_few_training_steps_lower_the_training_loss(llama, facts):
     assert last < 0.95 * first, losses
     assert same_state(llama.model, state) and all(p.grad is None for p in llama.model.parameters())
     assert net.editors[next(iter(net.editors))].norm.count > 0
+
+
+def test_calibration_starts_each_layer_at_its_best_plain_gradient_rate(llama, facts):
+    config = MendNetConfig(layers=(0, 1), rank=8)
+    train = MendTrainConfig(edit_lr_grid=(1e-3, 1.0, 30.0), c_edit=1.0)
+    net = build_net(llama, config).train()
+    batches = [training_batch(llama, facts[:2]), training_batch(llama, facts[2:])]
+    records = calibrate_edit_rates(net, llama, batches, train)
+    assert net.training and all(e.norm.count == 0 for e in net.editors.values())  # the search taught the norm nothing
+    assert [r["slot"] for r in records] == [0, 0, 0, 1, 1, 1]
+    chosen = net.edit_lrs.detach().tolist()
+    assert chosen[0] == chosen[1] and chosen[2] == chosen[3]  # one rate per layer
+    for slot, rate in enumerate(chosen[::2]):
+        best = min((r for r in records if r["slot"] == slot), key=lambda r: r["loss"])
+        assert rate == pytest.approx(best["edit_lr"])
+    # the second layer was searched with the first at its chosen rate: the recorded loss is reproduced
+    with torch.no_grad():
+        loss = sum(mend_loss(net.eval(), llama, b, train)[1]["loss"] for b in batches) / 2
+    assert loss == pytest.approx(min(r["loss"] for r in records if r["slot"] == 1), rel=1e-5)
+    assert loss < min(r["loss"] for r in records if r["edit_lr"] == 1e-3 and r["slot"] == 0)
+
+
+def test_edit_gain_scan_calibrates_one_svd_editor_per_layer(llama, facts):
+    train = MendTrainConfig(batch_size=2, edit_lr_grid=(1e-2, 1.0, 30.0), c_edit=1.0)
+    scan = edit_gain_scan(llama, facts, [1, 0], train, MendNetConfig(svd_rank=2), progress=False)
+    assert [r["layer"] for r in scan] == [1, 0]
+    for record in scan:
+        assert len(record["grid"]) == 3 and record["loss"] == min(g["loss"] for g in record["grid"])
+    # the layer's best plain step, reproduced by hand: an identity SVD editor at the chosen rate
+    best = scan[1]
+    net = build_net(llama, salem_net_config(0, svd_rank=2, svd_group=2, edit_lr_init=best["edit_lr"])).eval()
+    batches = [training_batch(llama, facts[i : i + 2]) for i in range(0, len(facts), 2)]
+    with torch.no_grad():
+        loss = sum(mend_loss(net, llama, b, train)[1]["loss"] for b in batches) / len(batches)
+    assert loss == pytest.approx(best["loss"], rel=1e-5)
+
+
+def test_salem_layer_by_edit_gain_is_the_candidate_with_the_lowest_loss(tmp_path, llama, facts):
+    import json
+
+    from pipelines.editor_training import EditorTrainingSpec, _salient_layer
+
+    train = MendTrainConfig(batch_size=2, edit_lr_grid=(1e-2, 1.0))
+    spec = EditorTrainingSpec(model="tiny-llama", facts=tmp_path / "facts.json", train=train, salient=True,
+                              salient_by="edit_gain", salient_layers=(-1, 0))
+    layer = _salient_layer(spec, llama, facts, tmp_path)
+    document = json.loads((tmp_path / "edit_gain" / "edit_gain.json").read_text())
+    assert [r["layer"] for r in document["layers"]] == [1, 0]  # -1 is the last of the two layers
+    assert layer == document["chosen_layer"] == min(document["layers"], key=lambda r: r["loss"])["layer"]
+    assert (tmp_path / "edit_gain" / "edit_gain.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="edit_lr_grid"):
+        EditorTrainingSpec(model="m", facts=tmp_path, salient_by="edit_gain", train=MendTrainConfig(edit_lr_grid=()))
+    with pytest.raises(ValueError, match="salient_by"):
+        EditorTrainingSpec(model="m", facts=tmp_path, salient_by="magnitude")
 
 
 def test_saved_editor_reloads_and_edits_with_low_rank_factors(tmp_path, gpt2, facts):

@@ -268,6 +268,8 @@ def test_mend_and_salem_steps_resolve_the_editor_and_its_training_relative_to_th
     ({"method": "mend", "config": {"editor": "e"}, "train": {"facts": "facts.jsonl", "out": "e"}}, "not both"),
     ({"method": "mend", "train": {"facts": "facts.jsonl", "out": "e", "net": {"rnak": 8}}}, "steps[1].edit.train.net"),
     ({"method": "mend", "train": {"facts": "missing.jsonl", "out": "e"}}, "steps[1].edit.train.facts"),
+    ({"method": "salem", "train": {"facts": "facts.jsonl", "out": "e", "salient_by": "magnitude"}}, "steps[1].edit.train.salient_by"),
+    ({"method": "salem", "train": {"facts": "facts.jsonl", "out": "e", "train": {"edit_lr_grid": [0.0]}}}, "steps[1].edit.train.train"),
 ])
 def test_bad_editor_steps_name_the_field(workdir: Path, edit: dict[str, Any], expected: str) -> None:
     (workdir / "e").mkdir()

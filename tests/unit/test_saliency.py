@@ -131,6 +131,8 @@ def test_saliency_on_each_architecture(arch: str, facts: list[EditRequest]) -> N
     assert bool((scores.role_scores > 0).all()) and bool(torch.isfinite(scores.role_fro).all())
     assert set(scores.by_group) == set(GROUPS) and scores.samples == len(samples)
     assert scores.chosen_layer == int(scores.layer_scores.argmax()) == salient_layer(sums)
+    other = 1 - scores.chosen_layer
+    assert scores.chosen_among([other]) == other and scores.chosen_among([0, 1]) == scores.chosen_layer
     # pass samples are the model's own answers: their loss is lower than that of the new facts
     assert scores.by_group["pass"].mean_nll < scores.by_group["fail"].mean_nll
     assert same_state(loaded.model, before)
