@@ -226,7 +226,7 @@ def _calibrate(net: Any, loaded: Any, rows: Sequence[Any], train: Any, rank: int
     chosen = _all_reduce(chosen)
     with torch.no_grad():
         net.edit_lrs.copy_(torch.tensor(chosen, dtype=net.edit_lrs.dtype))
-    return chosen
+    return [float(f"{x:.6g}") for x in chosen]  # float32 -> the grid's decimal values, for the editor document
 
 
 def _validate(trainer: _Trainer, loaded: Any, rows: Sequence[Any], train: Any) -> dict[str, float]:
