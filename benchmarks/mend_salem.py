@@ -129,17 +129,23 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="appended to the result labels (e.g. the editor's training steps)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--plot-labels", help="comma-separated result labels of the JSON to plot (default: all); "
+                                              "with --methods \"\" only redraws the plot")
     args = parser.parse_args()
 
+    previous = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    separator = ";" if ";" in args.methods or ":" in args.methods else ","
+    methods = [m.strip() for m in args.methods.split(separator) if m.strip()]
+    if not methods:  # redraw the plot of the JSON's results
+        plot(_plotted(previous.get("results", {}), args.plot_labels), args.plot, f"{args.model}: CounterFact val")
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     loaded = load_model(args.model)
     requests = load_rows("val", args.n)
     heldout = known_heldout(loaded, args.heldout)
     editors = {"mend": args.mend, "salem": args.salem}
     results: dict[str, dict] = {}
-    previous = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
-    separator = ";" if ";" in args.methods or ":" in args.methods else ","
-    for method in [m.strip() for m in args.methods.split(separator) if m.strip()]:
+    for method in methods:
         editor = make_method(method, editors, args.kl_texts, args.subject_swaps)
         for batch in [int(b) for b in args.batches.split(",") if b.strip()]:  # --batches "": latency only
             label = f"{method}{'@' + args.tag if args.tag else ''} x{batch}"
@@ -155,7 +161,13 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "n": args.n, "heldout": len(heldout), "results": merged}, indent=2))
     if args.plot:
-        plot({k: v for k, v in merged.items() if "latency" not in k}, args.plot, f"{args.model}: CounterFact val, {args.n} rows")
+        plot(_plotted(merged, args.plot_labels), args.plot, f"{args.model}: CounterFact val, {args.n} rows")
+
+
+def _plotted(results: dict[str, dict], labels: str | None) -> dict[str, dict]:
+    if labels:
+        return {label: results[label] for label in (x.strip() for x in labels.split(",")) if label}
+    return {k: v for k, v in results.items() if "latency" not in k}
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def plot_before_after(metrics: Mapping[str, Any], path: Path, title: str) -> Pat
     return plot_bars(series, [v[0] for v in values], path, title)
 
 
-BAR_COLORS = ("#9aa5b1", "#2f6fb3", "#d9822b", "#3c9d5d", "#8e5ea2")
+BAR_COLORS = ("#9aa5b1", "#2f6fb3", "#d9822b", "#3c9d5d", "#8e5ea2", "#c0392b", "#16a085", "#7f6a3b")
 
 
 def plot_bars(series: Mapping[str, Sequence[float]], labels: Sequence[str], path: Path, title: str) -> Path:
@@ -152,11 +152,11 @@ def plot_bars(series: Mapping[str, Sequence[float]], labels: Sequence[str], path
         offset = (i - (len(series) - 1) / 2) * width
         axes.bar([p + offset for p in range(len(labels))], values, width=width, label=name, color=BAR_COLORS[i % len(BAR_COLORS)])
     axes.set_xticks(list(range(len(labels))), [label.replace("_", "\n") for label in labels], fontsize=8)
-    axes.set_ylim(0, 1.2)
+    axes.set_ylim(0, 1.2 + 0.1 * ((len(series) - 1) // 4))  # room for the legend rows
     axes.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     axes.set_ylabel("score")
     axes.set_title(title)
-    axes.legend(loc="upper center", ncol=len(series), fontsize=8, frameon=False)
+    axes.legend(loc="upper center", ncol=min(len(series), 4), fontsize=8, frameon=False)  # rows of 4 stay inside the axes
     figure.tight_layout()
     figure.savefig(path, format="png")
     return path

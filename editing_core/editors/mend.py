@@ -139,7 +139,7 @@ class MendTrainConfig:
                       training loss on the first `calibration_rows` facts, layer by layer
                       (`calibrate_edit_rates`); empty: every rate starts at edit_lr_init. The
                       best step differs by four decades across SmolLM2-135M's layers (rank-8
-                      SVD steps of 10 facts: 3e-4 on layer 29, 1.0 on layer 26), and Adam at
+                      SVD steps of 10 facts: 3e-4 on layer 29, 0.3 on layers 24-27), and Adam at
                       edit_lr_lr moves a rate by about edit_lr_lr per step.
     calibration_rows: facts scored for each grid value (in batches of batch_size).
     """
