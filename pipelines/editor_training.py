@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from editing_core.editors.mend import MendNetConfig, MendTrainConfig
-from editing_core.editors.salem import LAYER_CRITERIA, edit_gain_scan
+from editing_core.editors.salem import LAYER_CRITERIA, edit_gain_scan, salem_layer_config
 from tasks.mend_train import DistributedConfig, TrainingResult, plot_history, train_editor
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,11 @@ def _salient_layer(spec: EditorTrainingSpec, loaded: Any, requests: list[Any], o
 
 def plot_edit_gain(scan: Sequence[Mapping[str, Any]], saliency: Sequence[float] | None, path: Path, title: str) -> None:
     """Bars per layer: edit accuracy after the best plain step (and the gradient saliency)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from editing_core.plotting import agg_figure
 
     layers = [r["layer"] for r in scan]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = agg_figure((8, 4))
+    ax = fig.add_subplot()
     ax.bar([x - 0.2 for x in layers], [r["edit_accuracy"] for r in scan], width=0.4, label="edit accuracy after the best plain step")
     ax.set_xlabel("layer")
     ax.set_ylabel("edit accuracy")
@@ -113,8 +111,7 @@ def plot_edit_gain(scan: Sequence[Mapping[str, Any]], saliency: Sequence[float] 
     ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path)
 
 
 def train_editor_run(spec: EditorTrainingSpec, out: str | Path, fail_once_at: int | None = None) -> TrainingResult:
@@ -138,7 +135,7 @@ def train_editor_run(spec: EditorTrainingSpec, out: str | Path, fail_once_at: in
     loaded = load_model(spec.model)  # for the saliency and the hash of the weights the editor learns
     if spec.salient:
         layer = _salient_layer(spec, loaded, requests, out)
-        net = replace(net, layers=(layer,), factors="svd")
+        net = salem_layer_config(net, layer)
         info.update(method="salem", salient_layer=layer, salient_by=spec.salient_by)
     info["base_hash"] = weights_hash(loaded.model, [name for name, _, _ in net_targets(loaded, net)])
     del loaded

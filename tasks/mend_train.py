@@ -212,12 +212,12 @@ def _calibrate(net: Any, loaded: Any, rows: Sequence[Any], train: Any, rank: int
     import torch
 
     from editing_core.data import EditRequest
-    from editing_core.editors.mend import calibrate_edit_rates, training_batch
+    from editing_core.editors.mend import calibrate_edit_rates, training_batches
 
     chosen = [0.0] * len(net.edit_lrs)
     if rank == 0:
         requests = [EditRequest.from_dict(r) for r in rows[: train.calibration_rows]]
-        batches = [training_batch(loaded, requests[i : i + train.batch_size]) for i in range(0, len(requests), train.batch_size)]
+        batches = training_batches(loaded, requests, train.batch_size)
         started = time.perf_counter()
         records = calibrate_edit_rates(net, loaded, batches, train)
         chosen = net.edit_lrs.tolist()
@@ -231,15 +231,14 @@ def _calibrate(net: Any, loaded: Any, rows: Sequence[Any], train: Any, rank: int
 
 def _validate(trainer: _Trainer, loaded: Any, rows: Sequence[Any], train: Any) -> dict[str, float]:
     """Mean MEND loss parts over the validation rows (every worker computes the same)."""
-    from editing_core.editors.mend import mend_loss, training_batch
+    from editing_core.editors.mend import mend_loss, training_batches
 
     totals: dict[str, float] = {}
     trainer.net.eval()
-    batches = [rows[i : i + train.batch_size] for i in range(0, len(rows), train.batch_size)]
-    for chunk in batches:
-        _, parts = mend_loss(trainer.net, loaded, training_batch(loaded, chunk), train, call=trainer.engine)
+    for batch in training_batches(loaded, rows, train.batch_size):
+        _, parts = mend_loss(trainer.net, loaded, batch, train, call=trainer.engine)
         for key, value in parts.items():
-            totals[key] = totals.get(key, 0.0) + value * len(chunk)
+            totals[key] = totals.get(key, 0.0) + value * len(batch.requests)
     trainer.net.train()
     return {f"val_{k}": v / len(rows) for k, v in totals.items()}
 

@@ -566,6 +566,11 @@ def training_batch(loaded: LoadedModel, requests: Sequence[EditRequest]) -> Trai
     return TrainingBatch(list(requests), edit, equivalent, locality, reference)
 
 
+def training_batches(loaded: LoadedModel, requests: Sequence[EditRequest], batch_size: int) -> list[TrainingBatch]:
+    """`requests` in consecutive training batches of `batch_size`."""
+    return [training_batch(loaded, requests[i : i + batch_size]) for i in range(0, len(requests), batch_size)]
+
+
 def mend_loss(net: MendNet, loaded: LoadedModel, batch: TrainingBatch, train: MendTrainConfig,
               call: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Algorithm 1 for one batch: edit with the editor, score the edited model. `call` runs the

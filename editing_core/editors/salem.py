@@ -20,7 +20,7 @@ step (`train-editor --salient-by edit_gain`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..data import EditRequest
 from ..models import LoadedModel
 from .base import register_editor
-from .mend import MendConfig, MendEditor, MendNetConfig, MendTrainConfig, build_net, calibrate_edit_rates, training_batch
+from .mend import MendConfig, MendEditor, MendNetConfig, MendTrainConfig, build_net, calibrate_edit_rates, training_batches
 
 LAYER_CRITERIA = ("gradient", "edit_gain")
 
@@ -39,10 +39,14 @@ class SalemConfig(MendConfig):
     written by `editflow train-editor --salient`)."""
 
 
+def salem_layer_config(net: MendNetConfig, layer: int) -> MendNetConfig:
+    """`net` restricted to one layer, with SVD-aggregated gradients: the editor SaLEM trains."""
+    return replace(net, layers=(layer,), factors="svd")
+
+
 def salem_net_config(layer: int, **overrides: object) -> MendNetConfig:
-    """The editor network SaLEM trains: MEND's, on `layer` only, with SVD-aggregated gradients."""
-    defaults: dict = {"layers": (layer,), "factors": "svd", "svd_group": 10}
-    return MendNetConfig(**{**defaults, **overrides})
+    """The SaLEM editor of `layer` from MendNetConfig's defaults (svd_group 10) and `overrides`."""
+    return salem_layer_config(MendNetConfig(**overrides), layer)
 
 
 def edit_gain_scan(loaded: LoadedModel, requests: Sequence[EditRequest], layers: Sequence[int], train: MendTrainConfig,
@@ -53,11 +57,10 @@ def edit_gain_scan(loaded: LoadedModel, requests: Sequence[EditRequest], layers:
     the best edit_lr and its mean MEND loss parts (loss, edit_nll, locality_kl, edit_accuracy),
     and `grid`, every rate's record. `net` gives the other editor fields (roles, svd_rank...)."""
     base = net or MendNetConfig()
-    batches = [training_batch(loaded, requests[i : i + train.batch_size]) for i in range(0, len(requests), train.batch_size)]
+    batches = training_batches(loaded, requests, train.batch_size)
     results = []
     for layer in tqdm(layers, desc="edit gain per layer", disable=not progress):
-        candidate = build_net(loaded, salem_net_config(layer, roles=base.roles, rank=base.rank, blocks=base.blocks,
-                                                       svd_rank=base.svd_rank, svd_group=base.svd_group))
+        candidate = build_net(loaded, salem_layer_config(base, layer))
         records = calibrate_edit_rates(candidate, loaded, batches, train)
         best = min(records, key=lambda r: r["loss"])
         results.append({"layer": layer, **{k: v for k, v in best.items() if k != "slot"}, "grid": records})
