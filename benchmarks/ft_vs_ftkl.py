@@ -74,20 +74,32 @@ def method_overrides(method: str, n_kl_texts: int, n_swaps: int) -> dict:
     }
 
 
-def run_method(loaded, method: str, requests, heldout, n_kl_texts: int, n_swaps: int) -> dict:
-    editor = make_editor(method, **method_overrides(method, n_kl_texts, n_swaps))
-    per_edit: dict[str, list[float]] = {key: [] for key in (*COLUMNS, "seconds_per_edit")}
-    for request in tqdm(requests, desc=method):
-        start = time.perf_counter()
-        artifact = editor.edit(loaded, [request])
-        per_edit["seconds_per_edit"].append(time.perf_counter() - start)
-        metrics = evaluate(loaded, [request], artifact, heldout=heldout, config=EvalConfig()).metrics
+def edit_and_score(loaded, editor, requests, batch: int, heldout, generated: bool = True) -> dict:
+    """Edit `requests` in consecutive groups of `batch`, score each group before and after
+    (editing_core.evaluate) and detach it again. Metrics are means over rows (a group's mean
+    weighted by its size; drawdown, one number per edit, by edit); seconds per edit are per fact."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    seconds: list[float] = []
+    groups = [requests[i : i + batch] for i in range(0, len(requests), batch)]
+    for group in tqdm(groups, desc=f"{editor.name} x{batch}"):
+        started = time.perf_counter()
+        artifact = editor.edit(loaded, group)
+        seconds.append((time.perf_counter() - started) / len(group))
+        metrics = evaluate(loaded, group, artifact, heldout=heldout, config=EvalConfig(generated=generated)).metrics
         for key in COLUMNS:
             if metrics.get(key) is not None:
-                per_edit[key].append(metrics[key])
-    summary = {key: fmean(values) if values else None for key, values in per_edit.items()}
-    summary["seconds_per_edit_median"] = median(per_edit["seconds_per_edit"])
-    summary["n_edits"] = len(requests)
+                weight = len(group) if key != "drawdown" else 1
+                sums[key] = sums.get(key, 0.0) + metrics[key] * weight
+                counts[key] = counts.get(key, 0) + weight
+    summary: dict = {key: sums[key] / counts[key] for key in sums}
+    summary.update(seconds_per_edit=fmean(seconds), seconds_per_edit_median=median(seconds), n_edits=len(requests), batch=batch)
+    return summary
+
+
+def run_method(loaded, method: str, requests, heldout, n_kl_texts: int, n_swaps: int) -> dict:
+    editor = make_editor(method, **method_overrides(method, n_kl_texts, n_swaps))
+    summary = edit_and_score(loaded, editor, requests, 1, heldout)
     summary["config"] = {k: v for k, v in editor.config.__dict__.items() if k not in ("kl_prompts", "swap_subjects")}
     return summary
 
@@ -105,7 +117,7 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
     from pipelines.report import plot_bars
 
     scored = [c for c in COLUMNS if c != "drawdown"]  # drawdown can be negative: it is in the table
-    plot_bars({m: [r[c] or 0.0 for c in scored] for m, r in results.items()}, scored, path, title)
+    plot_bars({m: [r.get(c) or 0.0 for c in scored] for m, r in results.items()}, scored, path, title)
 
 
 def main() -> None:

@@ -29,11 +29,9 @@ from statistics import median
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from ft_vs_ftkl import COLUMNS, known_heldout, load_rows, method_overrides  # benchmarks/ is on sys.path when a script here runs
+from ft_vs_ftkl import COLUMNS, edit_and_score, known_heldout, load_rows, method_overrides, plot  # benchmarks/ is on sys.path when a script here runs
 from editing_core.editors import make_editor
-from editing_core.evaluate import EvalConfig, evaluate
 from editing_core.models import load_model
 from editing_core.tokens import completion_batch, completion_logits, completion_nll
 
@@ -50,27 +48,6 @@ def make_method(spec: str, editors: dict[str, str], n_kl_texts: int, n_swaps: in
             raise SystemExit(f"--{method} DIR is needed to benchmark {method}")
         return make_editor(method, editor=editors[method], **overrides)
     return make_editor(method, **{**method_overrides(method, n_kl_texts, n_swaps), **overrides})
-
-
-def run_method(loaded: Any, editor: Any, requests: list, batch: int, heldout: list, generated: bool) -> dict[str, Any]:
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    seconds: list[float] = []
-    groups = [requests[i : i + batch] for i in range(0, len(requests), batch)]
-    for group in tqdm(groups, desc=f"{editor.name} x{batch}"):
-        started = time.perf_counter()
-        artifact = editor.edit(loaded, group)
-        seconds.append((time.perf_counter() - started) / len(group))
-        metrics = evaluate(loaded, group, artifact, heldout=heldout, config=EvalConfig(generated=generated)).metrics
-        for key in COLUMNS:
-            if metrics.get(key) is not None:
-                weight = len(group) if key != "drawdown" else 1
-                sums[key] = sums.get(key, 0.0) + metrics[key] * weight
-                counts[key] = counts.get(key, 0) + weight
-    summary: dict[str, Any] = {key: sums[key] / counts[key] for key in sums}
-    summary.update(seconds_per_edit=sum(seconds) / len(seconds), seconds_per_edit_median=median(seconds),
-                   n_edits=len(requests), batch=batch)
-    return summary
 
 
 def latency(loaded: Any, editor: Any, requests: list, reps: int) -> dict[str, float]:
@@ -102,13 +79,6 @@ def markdown(results: dict[str, dict]) -> str:
             f"{summary[k]:.3f}" if summary.get(k) is not None else "n/a" for k in header[2:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def plot(results: dict[str, dict], path: Path, title: str) -> None:
-    from pipelines.report import plot_bars
-
-    scored = [c for c in COLUMNS if c != "drawdown"]
-    plot_bars({label: [r.get(c) or 0.0 for c in scored] for label, r in results.items()}, scored, path, title)
 
 
 def main() -> None:
@@ -149,7 +119,7 @@ def main() -> None:
         editor = make_method(method, editors, args.kl_texts, args.subject_swaps)
         for batch in [int(b) for b in args.batches.split(",") if b.strip()]:  # --batches "": latency only
             label = f"{method}{'@' + args.tag if args.tag else ''} x{batch}"
-            results[label] = {"method": method, **run_method(loaded, editor, requests, batch, heldout, not args.no_generated)}
+            results[label] = {"method": method, **edit_and_score(loaded, editor, requests, batch, heldout, not args.no_generated)}
             print(label, {k: round(v, 3) if isinstance(v, float) else v for k, v in results[label].items()}, flush=True)
         if args.latency and editor.name in ("mend", "salem"):
             label = f"{method}{'@' + args.tag if args.tag else ''} latency"

@@ -47,9 +47,12 @@ class CompletionBatch:
 
 def completion_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> CompletionBatch:
     """Right-padded batch of `prompt + completion` for each (prompt, completion) pair."""
-    rows = [completion_ids(tokenizer, p, c) for p, c in pairs]
+    return pad_completions([completion_ids(tokenizer, p, c) for p, c in pairs], tokenizer.pad_token_id)
+
+
+def pad_completions(rows: Sequence[tuple[list[int], list[int]]], pad: int) -> CompletionBatch:
+    """Right-padded batch of (prompt ids, completion ids) rows; a row may have no completion."""
     length = max(len(p) + len(t) for p, t in rows)
-    pad = tokenizer.pad_token_id
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
     targets = torch.full((len(rows), length), IGNORE, dtype=torch.long)
@@ -57,22 +60,14 @@ def completion_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> Comple
         n = len(p) + len(t)
         input_ids[b, :n] = torch.tensor(p + t)
         attention[b, :n] = 1
-        targets[b, len(p) - 1 : n - 1] = torch.tensor(t)
+        targets[b, len(p) - 1 : n - 1] = torch.tensor(t, dtype=torch.long)
     return CompletionBatch(input_ids, attention, targets)
 
 
 def text_batch(tokenizer: Any, texts: Sequence[str]) -> CompletionBatch:
     """Right-padded batch whose targets are every next token of each text (for KL terms)."""
     encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
-    length = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(encoded), length), dtype=torch.long)
-    targets = torch.full((len(encoded), length), IGNORE, dtype=torch.long)
-    for b, ids in enumerate(encoded):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        attention[b, : len(ids)] = 1
-        targets[b, : len(ids) - 1] = torch.tensor(ids[1:])
-    return CompletionBatch(input_ids, attention, targets)
+    return pad_completions([(ids[:1], ids[1:]) for ids in encoded], tokenizer.pad_token_id)
 
 
 def completion_logits(model: torch.nn.Module, batch: CompletionBatch) -> torch.Tensor:

@@ -217,7 +217,7 @@ def _calibrate(net: Any, loaded: Any, rows: Sequence[Any], train: Any, rank: int
     chosen = [0.0] * len(net.edit_lrs)
     if rank == 0:
         requests = [EditRequest.from_dict(r) for r in rows[: train.calibration_rows]]
-        batches = training_batches(loaded, requests, train.batch_size)
+        batches = training_batches(loaded, requests, train)
         started = time.perf_counter()
         records = calibrate_edit_rates(net, loaded, batches, train)
         chosen = net.edit_lrs.tolist()
@@ -235,7 +235,7 @@ def _validate(trainer: _Trainer, loaded: Any, rows: Sequence[Any], train: Any) -
 
     totals: dict[str, float] = {}
     trainer.net.eval()
-    for batch in training_batches(loaded, rows, train.batch_size):
+    for batch in training_batches(loaded, rows, train):
         _, parts = mend_loss(trainer.net, loaded, batch, train, call=trainer.engine)
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value * len(batch.requests)
@@ -291,7 +291,7 @@ def train_loop(config: dict) -> None:
         if config.get("fail_once_at") == step and rank == world - 1 and not Path(config["fail_marker"]).exists():
             Path(config["fail_marker"]).write_text(f"worker {rank} killed itself at step {step}\n")
             os._exit(1)  # an injected worker crash: Ray Train restarts the group from the last checkpoint
-        batch = training_batch(loaded, _step_rows(rows, train.seed, rank, step, train.batch_size))
+        batch = training_batch(loaded, _step_rows(rows, train.seed, rank, step, train.batch_size), train.locality_positions)
         loss, parts = mend_loss(trainer.net, loaded, batch, train, call=trainer.engine)
         trainer.step(loss)
         for key, value in parts.items():

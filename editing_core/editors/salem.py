@@ -57,7 +57,7 @@ def edit_gain_scan(loaded: LoadedModel, requests: Sequence[EditRequest], layers:
     the best edit_lr and its mean MEND loss parts (loss, edit_nll, locality_kl, edit_accuracy),
     and `grid`, every rate's record. `net` gives the other editor fields (roles, svd_rank...)."""
     base = net or MendNetConfig()
-    batches = training_batches(loaded, requests, train.batch_size)
+    batches = training_batches(loaded, requests, train)
     results = []
     for layer in tqdm(layers, desc="edit gain per layer", disable=not progress):
         candidate = build_net(loaded, salem_layer_config(base, layer))

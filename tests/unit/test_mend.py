@@ -11,8 +11,9 @@ from editing_core.artifacts import load_artifact, weights_hash
 from editing_core.editors import make_editor
 from editing_core.editors.mend import (
     EditorFileError, MendNetConfig, MendTrainConfig, build_net, calibrate_edit_rates, edit_pairs, load_net,
-    low_rank_pairs, mend_loss, parameter_groups, save_net, training_batch,
+    edited_forward, editor_inputs, low_rank_pairs, mend_loss, parameter_groups, save_net, token_pairs, training_batch,
 )
+from editing_core.data import EditRequest
 from editing_core.editors.salem import edit_gain_scan, salem_net_config
 from editing_core.models.tiny import tiny_model
 from editing_core.tokens import completion_batch, completion_logits, completion_nll
@@ -129,6 +130,37 @@ def test_a_few_training_steps_lower_the_training_loss(llama, facts):
     assert last < 0.95 * first, losses
     assert same_state(llama.model, state) and all(p.grad is None for p in llama.model.parameters())
     assert net.editors[next(iter(net.editors))].norm.count > 0
+
+
+def test_locality_kl_is_taken_where_the_locality_answer_is_predicted(llama, facts):
+    rows = [*facts, EditRequest("Dave works for", "Sony", locality_prompt="Erin plays the")]  # no locality answer
+    answer = training_batch(llama, rows, "answer")
+    every = training_batch(llama, rows, "all")
+    for row, request in enumerate(rows[:3]):  # answered: exactly the positions predicting the answer's tokens
+        expected = completion_batch(llama.tokenizer, [(request.locality_prompt, request.locality_answer)])
+        n = expected.input_ids.shape[1]
+        assert torch.equal(answer.locality.input_ids[row, :n], expected.input_ids[0])
+        assert torch.equal(answer.locality_mask[row, :n], expected.target_mask[0])
+        assert answer.locality_mask[row, n:].sum() == 0
+    assert torch.equal(answer.locality_mask[3], answer.locality.attention_mask[3].bool())  # unanswered: all positions
+    assert torch.equal(every.locality_mask, every.locality.attention_mask.bool())
+    assert 0 < answer.locality_mask.sum() < every.locality_mask.sum()
+    with pytest.raises(ValueError, match="locality_positions"):
+        MendTrainConfig(locality_positions="prompt")
+
+
+def test_the_locality_kl_follows_the_mask(llama, facts):
+    # a perturbed editor moves the model; the loss's KL is the mean over exactly the masked positions
+    net = _perturbed(build_net(llama, MendNetConfig(layers=(0, 1), rank=8, edit_lr_init=1.0)))
+    for positions in ("answer", "all"):
+        batch = training_batch(llama, facts, positions)
+        _, parts = mend_loss(net, llama, batch, MendTrainConfig(locality_positions=positions))
+        factors = net(editor_inputs(token_pairs(llama, batch.edit, net.param_names), net.config))
+        with torch.no_grad(), edited_forward(llama, factors):
+            logprobs = completion_logits(llama.model, batch.locality).float().log_softmax(-1)
+        kl = (batch.locality_reference.exp() * (batch.locality_reference - logprobs)).sum(-1)  # (B, T)
+        assert parts["locality_kl"] > 0
+        assert parts["locality_kl"] == pytest.approx(kl[batch.locality_mask].mean().item(), rel=1e-4)
 
 
 def test_calibration_starts_each_layer_at_its_best_plain_gradient_rate(llama, facts):
