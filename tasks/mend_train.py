@@ -399,21 +399,28 @@ def train_editor(model: str, rows: Sequence[Any], val_rows: Sequence[Any], net: 
 
 def plot_history(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "MEND editor training") -> Path:
     """Training (and validation) loss, edit NLL and edit accuracy against the step."""
+    return plot_histories({"": history}, path, title)
+
+
+def plot_histories(runs: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
+                   title: str = "MEND editor training") -> Path:
+    """`plot_history` of several runs on the same axes, one colour per run (label -> history)."""
     from editing_core.plotting import agg_figure
 
-    steps = [h["step"] for h in history]
     figure = agg_figure((11, 3.4))
     panels = [("loss", "loss"), ("edit_nll", "edit NLL (prompt + rephrases)"), ("edit_accuracy", "edit accuracy")]
     for index, (key, label) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, 3, index)
-        axes.plot(steps, [h[key] for h in history], marker="o", label="train")
-        val = [(h["step"], h[f"val_{key}"]) for h in history if f"val_{key}" in h]
-        if val:
-            axes.plot(*zip(*val), marker="s", label="val")
+        for run, (name, history) in enumerate(runs.items()):
+            colour = f"C{2 * run}"
+            axes.plot([h["step"] for h in history], [h[key] for h in history], color=colour, label=f"{name} train".strip())
+            val = [(h["step"], h[f"val_{key}"]) for h in history if f"val_{key}" in h]
+            if val:
+                axes.plot(*zip(*val), color=f"C{2 * run + 1}", marker="s", markersize=3, label=f"{name} val".strip())
         axes.set_xlabel("step")
         axes.set_title(label)
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.legend(fontsize=7)
     figure.suptitle(title)
     figure.tight_layout()
     path = Path(path)

@@ -271,3 +271,21 @@ def test_sequential_mend_edits_fold_into_one_artifact(tmp_path, llama, facts):
         artifact = session.artifact()
     assert same_state(llama.model, state)
     assert set(artifact.deltas) == set(net.param_names)
+
+
+def test_training_curves_of_several_runs_share_one_figure(tmp_path):
+    from matplotlib.image import imread
+
+    from tasks.mend_train import plot_histories, plot_history
+
+    def history(accuracy):
+        return [{"step": s, "loss": 1.0 / s, "edit_nll": 2.0 / s, "edit_accuracy": accuracy * s / 100,
+                 **({"val_loss": 1.5 / s, "val_edit_nll": 2.5 / s, "val_edit_accuracy": accuracy} if s % 50 == 0 else {})}
+                for s in range(10, 101, 10)]
+
+    one = plot_history(history(0.5), tmp_path / "one.png")
+    two = plot_histories({"a": history(0.5), "b": history(0.8)}, tmp_path / "two.png", "two runs")
+    assert imread(one).shape == imread(two).shape  # same panels
+    assert (imread(one) != imread(two)).any()  # the second run is drawn
+    with pytest.raises(KeyError):
+        plot_history([{"step": 1, "loss": 1.0}], tmp_path / "bad.png")  # a history without the plotted keys
