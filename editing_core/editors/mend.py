@@ -571,7 +571,7 @@ class TrainingBatch:
 
 def _locality_batch(tokenizer: Any, requests: Sequence[EditRequest], positions: str) -> tuple[CompletionBatch, torch.Tensor]:
     """The locality texts and the positions of their KL (see MendTrainConfig.locality_positions)."""
-    if positions == "all" or not any(r.locality_answer for r in requests):
+    if positions == "all":
         texts = [f"{r.locality_prompt} {r.locality_answer}" if r.locality_answer else r.locality_prompt for r in requests]
         batch = text_batch(tokenizer, texts)
         return batch, batch.attention_mask.bool()
@@ -583,7 +583,8 @@ def _locality_batch(tokenizer: Any, requests: Sequence[EditRequest], positions: 
     return batch, batch.target_mask | (unanswered & batch.attention_mask.bool())
 
 
-def training_batch(loaded: LoadedModel, requests: Sequence[EditRequest], locality_positions: str = "all") -> TrainingBatch:
+def training_batch(loaded: LoadedModel, requests: Sequence[EditRequest],
+                   locality_positions: str = MendTrainConfig.locality_positions) -> TrainingBatch:
     """Tokenise one training step's requests; every request needs a locality_prompt."""
     missing = [r.case_id or r.prompt for r in requests if not r.locality_prompt]
     if missing:
