@@ -155,7 +155,8 @@ def _log_to_mlflow(spec: EditorTrainingSpec, net: MendNetConfig, info: dict[str,
         run.log_params(flatten_params({"net": config_to_dict(net), "train": asdict(spec.train),
                                        "distributed": asdict(spec.distributed), **{k: v for k, v in info.items() if k != "base_hash"}}))
         run.log_metric_series(result.history, "step")
-        run.log_metrics({"train_seconds": result.seconds, **{f"final_{k}": v for k, v in result.history[-1].items()}})
+        run.log_metrics({"train_seconds": result.seconds, "selected_step": result.selected_step,
+                         **{f"final_{k}": v for k, v in result.history[-1].items()}})
         run.log_file(out / "training.png")
         run.log_file(out / "history.json")
         run.log_dir(result.editor_dir, "editor")

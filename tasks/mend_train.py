@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 STATE_TAG = "state"
 HISTORY_NAME = "history.json"
 CALIBRATION_NAME = "edit_lr_calibration.json"
+LAST_EDITOR_DIR = "editor"
+BEST_EDITOR_DIR = "best_editor"  # with MendTrainConfig.select_by: the editor of the best validation so far
 DDP_STATE_NAME = "ddp_state.pt"
 
 
@@ -133,7 +135,7 @@ class _Trainer:
         if dist.zero_stage == 0:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.optimizer = torch.optim.Adam(groups)
+            self.optimizer = self.base_optimizer = torch.optim.Adam(groups)
             ids = [device.index] if device.type == "cuda" else None
             self.engine = DistributedDataParallel(net, device_ids=ids)  # rank 0's running norm stats win
             self.grad_clip = train.grad_clip
@@ -147,7 +149,14 @@ class _Trainer:
             else:
                 optimizer = torch.optim.Adam(groups)
             config = deepspeed_config(dist.zero_stage, dist.offload, train.batch_size, train.grad_clip)
+            self.base_optimizer = optimizer  # ZeRO steps the base optimizer's param groups: their lr is the one used
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=config)
+        self.initial_lrs = [group["lr"] for group in self.base_optimizer.param_groups]
+
+    def set_lr(self, factor: float) -> None:
+        """Every optimizer group at `factor` times its initial lr (the lr schedule)."""
+        for group, initial in zip(self.base_optimizer.param_groups, self.initial_lrs):
+            group["lr"] = initial * factor
 
     def step(self, loss: Any) -> None:
         import torch
@@ -229,18 +238,35 @@ def _calibrate(net: Any, loaded: Any, rows: Sequence[Any], train: Any, rank: int
     return [float(f"{x:.6g}") for x in chosen]  # float32 -> the grid's decimal values, for the editor document
 
 
-def _validate(trainer: _Trainer, loaded: Any, rows: Sequence[Any], train: Any) -> dict[str, float]:
-    """Mean MEND loss parts over the validation rows (every worker computes the same)."""
+def _validate(trainer: _Trainer, loaded: Any, rows: Sequence[Any], train: Any, rank: int, world: int) -> dict[str, float]:
+    """Mean MEND loss parts over the validation rows. When the rows split evenly, each worker
+    scores its share and the sums are all-reduced; otherwise every worker scores all of them
+    (the editor's forward is collective under DDP and ZeRO-3: every worker must run as many)."""
     from editing_core.editors.mend import mend_loss, training_batches
 
+    shard = rows[rank::world] if len(rows) % world == 0 else rows
     totals: dict[str, float] = {}
     trainer.net.eval()
-    for batch in training_batches(loaded, rows, train):
+    for batch in training_batches(loaded, shard, train):
         _, parts = mend_loss(trainer.net, loaded, batch, train, call=trainer.engine)
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value * len(batch.requests)
     trainer.net.train()
-    return {f"val_{k}": v / len(rows) for k, v in totals.items()}
+    keys = sorted(totals)
+    sums = _all_reduce([totals[k] for k in keys]) if shard is not rows else [totals[k] for k in keys]
+    return {f"val_{k}": v / len(rows) for k, v in zip(keys, sums)}
+
+
+def _best_so_far(history: Sequence[Mapping[str, float]], metric: str) -> float | None:
+    """The best validation value of `metric` in a run's history (None before any validation)."""
+    from editing_core.editors.mend import is_better
+
+    best = None
+    for entry in history:
+        value = entry.get(f"val_{metric}")
+        if value is not None and is_better(metric, value, best):
+            best = value
+    return best
 
 
 def train_loop(config: dict) -> None:
@@ -253,7 +279,8 @@ def train_loop(config: dict) -> None:
     from tqdm.auto import tqdm
 
     from editing_core.data import EditRequest
-    from editing_core.editors.mend import MendNetConfig, MendTrainConfig, build_net, mend_loss, save_net, training_batch
+    from editing_core.editors.mend import (NET_CONFIG_NAME, MendNetConfig, MendTrainConfig, build_net, is_better, lr_factor,
+                                           mend_loss, save_net, training_batch)
     from editing_core.models import load_model
 
     dist = DistributedConfig(**config["distributed"])
@@ -275,13 +302,17 @@ def train_loop(config: dict) -> None:
     trainer = _Trainer(net, train, dist, device)
 
     start, history = 0, []
+    best_dir = Path(tempfile.mkdtemp(prefix="best_editor_"))  # rank 0's copy of the selected editor
     if checkpoint:
         with checkpoint.as_directory() as directory:
             start = trainer.load(Path(directory))
             history = json.loads((Path(directory) / HISTORY_NAME).read_text())
             if (Path(directory) / CALIBRATION_NAME).exists():  # the editor document keeps the starting rates
                 config["info"]["edit_lr_calibration"] = json.loads((Path(directory) / CALIBRATION_NAME).read_text())
+            if (Path(directory) / BEST_EDITOR_DIR).is_dir():
+                shutil.copytree(Path(directory) / BEST_EDITOR_DIR, best_dir, dirs_exist_ok=True)
         log.info("worker %d resumed at step %d", rank, start)
+    best = _best_so_far(history, train.select_by) if train.select_by else None
 
     window: dict[str, float] = {}
     window_start = time.perf_counter()
@@ -293,6 +324,7 @@ def train_loop(config: dict) -> None:
             os._exit(1)  # an injected worker crash: Ray Train restarts the group from the last checkpoint
         batch = training_batch(loaded, _step_rows(rows, train.seed, rank, step, train.batch_size), train.locality_positions)
         loss, parts = mend_loss(trainer.net, loaded, batch, train, call=trainer.engine)
+        trainer.set_lr(lr_factor(train, step))
         trainer.step(loss)
         for key, value in parts.items():
             window[key] = window.get(key, 0.0) + value
@@ -303,25 +335,36 @@ def train_loop(config: dict) -> None:
             means = [v / (count * world) for v in _all_reduce([window[k] for k in keys])]
             metrics: dict[str, float] = {"step": step, **dict(zip(keys, means))}
             metrics["seconds_per_step"] = (time.perf_counter() - window_start) / count
+            metrics["lr"] = train.lr * lr_factor(train, step)
             metrics["peak_rss_mib"] = _all_reduce([_peak_rss_mib()], op="max")[0]
             if device.type == "cuda":
                 metrics["peak_cuda_mib"] = _all_reduce([torch.cuda.max_memory_allocated(device) / 2**20], op="max")[0]
             if val_rows and (step == train.steps or (train.val_every and step % train.val_every == 0)):
-                metrics.update(_validate(trainer, loaded, val_rows, train))
+                metrics.update(_validate(trainer, loaded, val_rows, train, rank, world))
             history.append(metrics)
+            selected = train.select_by and f"val_{train.select_by}" in metrics and is_better(
+                train.select_by, metrics[f"val_{train.select_by}"], best)
+            if selected:
+                best = metrics[f"val_{train.select_by}"]
             with tempfile.TemporaryDirectory() as tmp:
                 directory = Path(tmp)
                 trainer.save(directory, step, rank)
+                document = {**config["info"], "trained_steps": step, "metrics": metrics}
                 with trainer.full_state_net():
                     if rank == 0:
-                        save_net(trainer.net, directory / "editor", {**config["info"], "trained_steps": step, "metrics": metrics})
+                        save_net(trainer.net, directory / LAST_EDITOR_DIR, document)
+                        if selected:
+                            save_net(trainer.net, best_dir, {**document, "selected_by": f"val_{train.select_by}"})
                 if rank == 0:
+                    if (best_dir / NET_CONFIG_NAME).exists():
+                        shutil.copytree(best_dir, directory / BEST_EDITOR_DIR)
                     (directory / HISTORY_NAME).write_text(json.dumps(history))
                     if "edit_lr_calibration" in config["info"]:
                         (directory / CALIBRATION_NAME).write_text(json.dumps(config["info"]["edit_lr_calibration"]))
                 has_files = any(directory.iterdir())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
             window, window_start = {}, time.perf_counter()
+    shutil.rmtree(best_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,20 +375,24 @@ def train_loop(config: dict) -> None:
 @dataclass
 class TrainingResult:
     """What a finished training run left: the editor directory, the metric history, the
-    directory of Ray Train's checkpoints and how long the fit took."""
+    directory of Ray Train's checkpoints, how long the fit took and the step whose editor
+    `editor_dir` holds (the last one, or the best validation's with `select_by`)."""
 
     editor_dir: Path
     history: list[dict[str, float]]
     storage: Path
     seconds: float
+    selected_step: int
 
 
 def train_editor(model: str, rows: Sequence[Any], val_rows: Sequence[Any], net: Any, train: Any,
                  dist: DistributedConfig, out: str | Path, info: Mapping[str, Any] | None = None,
                  fail_once_at: int | None = None) -> TrainingResult:
     """Train a MEND editor for `model` on the requests `rows` with Ray Train; Ray must be
-    initialised. Writes `out/editor` (the trained editor) and `out/history.json`; Ray Train's
-    run (checkpoints) lives in `out/ray_train`, which is also where a rerun resumes from.
+    initialised. Writes `out/editor` (the trained editor: the last step's, or with
+    `train.select_by` the best validation's, the last one then also in `out/last_editor`) and
+    `out/history.json`; Ray Train's run (checkpoints) lives in `out/ray_train`, which is also
+    where a rerun resumes from.
     `fail_once_at` kills the last worker once at that step (to test recovery)."""
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -353,6 +400,8 @@ def train_editor(model: str, rows: Sequence[Any], val_rows: Sequence[Any], net: 
 
     from editing_core.config import config_to_dict
 
+    if train.select_by and not val_rows:
+        raise ValueError(f"select_by={train.select_by!r} chooses the editor by validation: give validation rows (--val)")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     use_gpu = torch.cuda.is_available() if dist.use_gpu is None else dist.use_gpu
@@ -387,14 +436,23 @@ def train_editor(model: str, rows: Sequence[Any], val_rows: Sequence[Any], net: 
     seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError(f"editor training produced no checkpoint (see {out / 'ray_train'})")
+    from editing_core.editors.mend import NET_CONFIG_NAME
+
     with result.checkpoint.as_directory() as directory:
-        editor_dir = out / "editor"
-        if editor_dir.exists():
-            shutil.rmtree(editor_dir)
-        shutil.copytree(Path(directory) / "editor", editor_dir)
+        copies = {"editor": LAST_EDITOR_DIR}
+        if train.select_by:
+            copies = {"editor": BEST_EDITOR_DIR, "last_editor": LAST_EDITOR_DIR}
+        for target, source in copies.items():
+            if (out / target).exists():
+                shutil.rmtree(out / target)
+            shutil.copytree(Path(directory) / source, out / target)
         history = json.loads((Path(directory) / HISTORY_NAME).read_text())
     (out / HISTORY_NAME).write_text(json.dumps(history, indent=2))
-    return TrainingResult(editor_dir, history, out / "ray_train", seconds)
+    selected_step = int(json.loads((out / "editor" / NET_CONFIG_NAME).read_text())["trained_steps"])
+    if train.select_by:
+        log.info("editor of step %d selected by val_%s (last step %d in %s)", selected_step, train.select_by,
+                 history[-1]["step"], out / "last_editor")
+    return TrainingResult(out / "editor", history, out / "ray_train", seconds, selected_step)
 
 
 def plot_history(history: Sequence[Mapping[str, float]], path: str | Path, title: str = "MEND editor training") -> Path:

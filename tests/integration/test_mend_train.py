@@ -63,6 +63,24 @@ def test_zero2_offload_training_survives_a_worker_crash_and_resumes(tiny_llama_d
     assert torch.equal(completion_logits(loaded.model, batch), before)
 
 
+def test_cosine_schedule_and_best_validation_editor_under_ddp(tiny_llama_dir: str, facts: list[EditRequest],
+                                                              local_ray: None, tmp_path: Path) -> None:
+    # plain DDP; two validation rows: each of the two workers scores one, the sums are all-reduced
+    train = MendTrainConfig(steps=8, batch_size=2, checkpoint_every=2, val_every=2, lr=3e-2, lr_schedule="cosine",
+                            lr_min_ratio=0.1, select_by="locality_kl", edit_lr_grid=())
+    result = train_editor(tiny_llama_dir, facts, facts[:2], NET, train, DistributedConfig(workers=2, zero_stage=0),
+                          tmp_path / "ddp", {"test": True})
+    lrs = [h["lr"] for h in result.history]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(3e-3) and lrs[0] < 3e-2
+    val = {int(h["step"]): h["val_locality_kl"] for h in result.history}
+    assert len(val) == 4
+    best_step = min(val, key=val.get)  # the edits of a learning editor move the locality texts more and more
+    assert result.selected_step == best_step < 8
+    _, chosen = load_net(result.editor_dir)
+    assert chosen["trained_steps"] == best_step and chosen["selected_by"] == "val_locality_kl"
+    assert load_net(tmp_path / "ddp" / "last_editor")[1]["trained_steps"] == 8
+
+
 def test_train_editor_then_edit_on_smollm2(tmp_path: Path, local_ray: None, smollm2_available: None,
                                                     counterfact_rows: Callable[..., list[dict]],
                                                     capsys: pytest.CaptureFixture[str]) -> None:

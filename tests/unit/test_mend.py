@@ -11,7 +11,7 @@ from editing_core.artifacts import load_artifact, weights_hash
 from editing_core.editors import make_editor
 from editing_core.editors.mend import (
     EditorFileError, MendNetConfig, MendTrainConfig, build_net, calibrate_edit_rates, edit_pairs, load_net,
-    edited_forward, editor_inputs, low_rank_pairs, mend_loss, parameter_groups, save_net, token_pairs, training_batch,
+    edited_forward, editor_inputs, is_better, low_rank_pairs, lr_factor, mend_loss, parameter_groups, save_net, token_pairs, training_batch,
 )
 from editing_core.data import EditRequest
 from editing_core.editors.salem import edit_gain_scan, salem_net_config
@@ -161,6 +161,34 @@ def test_the_locality_kl_follows_the_mask(llama, facts):
         kl = (batch.locality_reference.exp() * (batch.locality_reference - logprobs)).sum(-1)  # (B, T)
         assert parts["locality_kl"] > 0
         assert parts["locality_kl"] == pytest.approx(kl[batch.locality_mask].mean().item(), rel=1e-4)
+        unchanged = logprobs.argmax(-1) == batch.locality_reference.argmax(-1)  # (B, T)
+        assert parts["locality_agreement"] == pytest.approx(unchanged[batch.locality_mask].float().mean().item())
+    with torch.no_grad():
+        net.edit_lrs.zero_()  # no edit: every locality prediction stays
+    assert mend_loss(net, llama, batch, MendTrainConfig())[1]["locality_agreement"] == 1.0
+
+
+def test_cosine_lr_schedule_decays_from_lr_to_its_floor():
+    train = MendTrainConfig(steps=101, lr_schedule="cosine", lr_min_ratio=0.1)
+    factors = [lr_factor(train, step) for step in range(1, 102)]
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(0.1) and factors[50] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    assert {lr_factor(MendTrainConfig(steps=101), step) for step in (1, 50, 101)} == {1.0}
+    for bad in ({"lr_schedule": "step"}, {"lr_min_ratio": 1.5}, {"select_by": "val_loss"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MendTrainConfig(**bad)
+
+
+def test_editor_selection_keeps_the_best_validation_so_far():
+    from tasks.mend_train import _best_so_far
+
+    history = [{"step": 1, "loss": 0.1}, {"step": 2, "val_loss": 0.5, "val_edit_accuracy": 0.4},
+               {"step": 3, "val_loss": 0.3, "val_edit_accuracy": 0.3}, {"step": 4, "val_loss": 0.4, "val_edit_accuracy": 0.6}]
+    assert _best_so_far(history, "loss") == 0.3  # lower is better; the training loss does not count
+    assert _best_so_far(history, "edit_accuracy") == 0.6  # higher is better
+    assert _best_so_far(history[:1], "loss") is None
+    assert is_better("loss", 0.2, 0.3) and not is_better("loss", 0.3, 0.3) and is_better("locality_agreement", 0.9, 0.8)
+    assert is_better("edit_nll", 5.0, None)
 
 
 def test_calibration_starts_each_layer_at_its_best_plain_gradient_rate(llama, facts):
