@@ -16,6 +16,12 @@ group (FailureConfig), and every worker resumes from the latest checkpoint; runn
 command again (same --out) resumes a stopped run the same way, as Ray Train finds the run's
 earlier checkpoints under the same name and storage path.
 
+Validation (`val_rows`, every `val_every` steps) is split over the workers when the rows split
+evenly. With `select_by`, rank 0 keeps the editor of the best validation so far and every
+checkpoint carries it (`best_editor/`), so a resumed run keeps its choice; the run then ends
+with that editor in `out/editor` and the last step's in `out/last_editor`. The lr schedule
+(`lr_schedule`) is a function of the step alone, so it resumes exactly too.
+
 DeepSpeed compiles two C++ ops the first time they are used on a machine (its CPU Adam and
 its shared-memory communication op, about a minute each); `make install` builds both into
 torch's extension cache (`python -m tasks.mend_train --build-ops`), so training never waits.
@@ -312,7 +318,10 @@ def train_loop(config: dict) -> None:
             if (Path(directory) / BEST_EDITOR_DIR).is_dir():
                 shutil.copytree(Path(directory) / BEST_EDITOR_DIR, best_dir, dirs_exist_ok=True)
         log.info("worker %d resumed at step %d", rank, start)
-    best = _best_so_far(history, train.select_by) if train.select_by else None
+    best = None  # a run resumed without a best editor chosen by this metric starts its selection afresh
+    if train.select_by and (best_dir / NET_CONFIG_NAME).exists():
+        if json.loads((best_dir / NET_CONFIG_NAME).read_text()).get("selected_by") == f"val_{train.select_by}":
+            best = _best_so_far(history, train.select_by)
 
     window: dict[str, float] = {}
     window_start = time.perf_counter()
