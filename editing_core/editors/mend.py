@@ -161,10 +161,14 @@ class MendTrainConfig:
                       gave 0.41 edit success / 0.88 locality on val single edits with "answer",
                       0.88 / 0.65 with "all" (docs/benchmarks.md).
     lr_schedule:      "constant" (lr and edit_lr_lr throughout) or "cosine" (both decay along a
-                      half cosine from their value at step 0 to lr_min_ratio times it at `steps`).
+                      half cosine from their value at the first step to lr_min_ratio times it at `steps`).
                       At a constant 1e-3 a SmolLM2-135M MEND editor kept moving along the edit /
                       locality trade-off: 0.93 / 0.63 edit success / locality on val at step 2000,
-                      0.78 / 0.76 at step 2600 (docs/benchmarks.md).
+                      0.78 / 0.76 at step 2600; cosine from 1e-3 to 1e-4 over 3000 steps ended at
+                      0.93 / 0.70 with drawdown 0.086 instead of 0.135 (docs/benchmarks.md). The
+                      schedule is a function of the step and `steps`: a run resumed with more
+                      steps continues on the longer schedule (its lr jumps back up), so with
+                      "cosine" choose `steps` up front. "constant" (the default) extends freely.
     lr_min_ratio:     the cosine schedule's final lr as a share of the initial one.
     select_by:        "" keeps the editor of the last step; a validation metric (one of
                       SELECTION_METRICS: loss, edit_nll, locality_kl lowest; edit_accuracy,
