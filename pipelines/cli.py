@@ -755,7 +755,10 @@ def _cmd_train_editor(args: argparse.Namespace) -> int:
           f"{', offload' if dist.offload else ''}) in {result.seconds:.0f} s")
     print("last window: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "step"))
     if spec.train.select_by:
-        print(f"selected the editor of step {result.selected_step} by val_{spec.train.select_by} (the last step's: {args.out / 'last_editor'})")
+        from tasks.mend_train import OUT_LAST_EDITOR_DIR
+
+        print(f"selected the editor of step {result.selected_step} by val_{spec.train.select_by} "
+              f"(the last step's: {args.out / OUT_LAST_EDITOR_DIR})")
     print(f"editor: {result.editor_dir}  (editflow edit --method {'salem' if args.salient else 'mend'} --editor {result.editor_dir} ...)")
     return EXIT_OK
 

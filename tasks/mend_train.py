@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 STATE_TAG = "state"
 HISTORY_NAME = "history.json"
 CALIBRATION_NAME = "edit_lr_calibration.json"
-LAST_EDITOR_DIR = "editor"
-BEST_EDITOR_DIR = "best_editor"  # with MendTrainConfig.select_by: the editor of the best validation so far
+LAST_EDITOR_DIR = "editor"  # in a checkpoint, and the editor a run ends with (out/editor)
+BEST_EDITOR_DIR = "best_editor"  # in a checkpoint, with MendTrainConfig.select_by: the best validation's editor so far
+OUT_LAST_EDITOR_DIR = "last_editor"  # out/last_editor, with select_by: the last step's editor
 DDP_STATE_NAME = "ddp_state.pt"
 
 
@@ -263,16 +264,16 @@ def _validate(trainer: _Trainer, loaded: Any, rows: Sequence[Any], train: Any, r
     return {f"val_{k}": v / len(rows) for k, v in zip(keys, sums)}
 
 
-def _best_so_far(history: Sequence[Mapping[str, float]], metric: str) -> float | None:
-    """The best validation value of `metric` in a run's history (None before any validation)."""
-    from editing_core.editors.mend import is_better
+def _selected_value(best_dir: Path, metric: str) -> float | None:
+    """The validation value of `metric` that chose the editor in `best_dir`, from its document;
+    None when there is none, or it was chosen by another metric (selection then starts afresh)."""
+    from editing_core.editors.mend import NET_CONFIG_NAME
 
-    best = None
-    for entry in history:
-        value = entry.get(f"val_{metric}")
-        if value is not None and is_better(metric, value, best):
-            best = value
-    return best
+    path = best_dir / NET_CONFIG_NAME
+    if not path.exists():
+        return None
+    document = json.loads(path.read_text())
+    return document["metrics"][f"val_{metric}"] if document.get("selected_by") == f"val_{metric}" else None
 
 
 def train_loop(config: dict) -> None:
@@ -318,10 +319,7 @@ def train_loop(config: dict) -> None:
             if (Path(directory) / BEST_EDITOR_DIR).is_dir():
                 shutil.copytree(Path(directory) / BEST_EDITOR_DIR, best_dir, dirs_exist_ok=True)
         log.info("worker %d resumed at step %d", rank, start)
-    best = None  # a run resumed without a best editor chosen by this metric starts its selection afresh
-    if train.select_by and (best_dir / NET_CONFIG_NAME).exists():
-        if json.loads((best_dir / NET_CONFIG_NAME).read_text()).get("selected_by") == f"val_{train.select_by}":
-            best = _best_so_far(history, train.select_by)
+    best = _selected_value(best_dir, train.select_by) if train.select_by else None
 
     window: dict[str, float] = {}
     window_start = time.perf_counter()
@@ -450,7 +448,7 @@ def train_editor(model: str, rows: Sequence[Any], val_rows: Sequence[Any], net: 
     with result.checkpoint.as_directory() as directory:
         copies = {"editor": LAST_EDITOR_DIR}
         if train.select_by:
-            copies = {"editor": BEST_EDITOR_DIR, "last_editor": LAST_EDITOR_DIR}
+            copies = {"editor": BEST_EDITOR_DIR, OUT_LAST_EDITOR_DIR: LAST_EDITOR_DIR}
         for target, source in copies.items():
             if (out / target).exists():
                 shutil.rmtree(out / target)
@@ -460,7 +458,7 @@ def train_editor(model: str, rows: Sequence[Any], val_rows: Sequence[Any], net: 
     selected_step = int(json.loads((out / "editor" / NET_CONFIG_NAME).read_text())["trained_steps"])
     if train.select_by:
         log.info("editor of step %d selected by val_%s (last step %d in %s)", selected_step, train.select_by,
-                 history[-1]["step"], out / "last_editor")
+                 history[-1]["step"], out / OUT_LAST_EDITOR_DIR)
     return TrainingResult(out / "editor", history, out / "ray_train", seconds, selected_step)
 
 

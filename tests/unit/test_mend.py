@@ -179,14 +179,17 @@ def test_cosine_lr_schedule_decays_from_lr_to_its_floor():
             MendTrainConfig(**bad)
 
 
-def test_editor_selection_keeps_the_best_validation_so_far():
-    from tasks.mend_train import _best_so_far
+def test_editor_selection_resumes_from_the_value_that_chose_the_best_editor(tmp_path):
+    import json
 
-    history = [{"step": 1, "loss": 0.1}, {"step": 2, "val_loss": 0.5, "val_edit_accuracy": 0.4},
-               {"step": 3, "val_loss": 0.3, "val_edit_accuracy": 0.3}, {"step": 4, "val_loss": 0.4, "val_edit_accuracy": 0.6}]
-    assert _best_so_far(history, "loss") == 0.3  # lower is better; the training loss does not count
-    assert _best_so_far(history, "edit_accuracy") == 0.6  # higher is better
-    assert _best_so_far(history[:1], "loss") is None
+    from editing_core.editors.mend import NET_CONFIG_NAME
+    from tasks.mend_train import _selected_value
+
+    assert _selected_value(tmp_path, "loss") is None  # no best editor yet
+    document = {"trained_steps": 3, "selected_by": "val_loss", "metrics": {"loss": 0.1, "val_loss": 0.3, "val_edit_accuracy": 0.3}}
+    (tmp_path / NET_CONFIG_NAME).write_text(json.dumps(document))
+    assert _selected_value(tmp_path, "loss") == 0.3  # the validation value, not the training loss
+    assert _selected_value(tmp_path, "edit_accuracy") is None  # chosen by another metric: selection starts afresh
     assert is_better("loss", 0.2, 0.3) and not is_better("loss", 0.3, 0.3) and is_better("locality_agreement", 0.9, 0.8)
     assert is_better("edit_nll", 5.0, None)
 
