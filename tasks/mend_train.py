@@ -222,6 +222,17 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return tensor.tolist()
 
 
+def _whiten(net: Any, loaded: Any, rows: Sequence[Any]) -> None:
+    """Set the editor's key preconditioners from the texts of `rows` (MendNetConfig.whiten_keys)."""
+    from editing_core.data import EditRequest
+    from editing_core.editors.mend import key_second_moments, key_texts, set_key_preconditioners
+
+    started = time.perf_counter()
+    texts = key_texts([EditRequest.from_dict(r) for r in rows])
+    set_key_preconditioners(net, key_second_moments(loaded, net.param_names, texts))
+    log.info("key preconditioners from %d texts in %.1f s", len(texts), time.perf_counter() - started)
+
+
 def _calibrate(net: Any, loaded: Any, rows: Sequence[Any], train: Any, rank: int) -> list[float]:
     """Start the edit rates at their best plain-gradient values (`calibrate_edit_rates` on the
     first `calibration_rows` training facts); every rank takes rank 0's choice."""
@@ -304,6 +315,8 @@ def train_loop(config: dict) -> None:
     val_rows = [EditRequest.from_dict(r) for r in config["val_rows"]]
     net = build_net(loaded, net_config, seed=train.seed).train()
     checkpoint = ray.train.get_checkpoint()
+    if not checkpoint and net_config.whiten_keys:  # every rank, from the same rows: the same matrices
+        _whiten(net, loaded, config["rows"][: train.key_stats_rows])
     if not checkpoint and train.edit_lr_grid:
         config["info"]["edit_lr_calibration"] = _calibrate(net, loaded, config["rows"], train, rank)
     trainer = _Trainer(net, train, dist, device)

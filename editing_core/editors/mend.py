@@ -38,6 +38,10 @@ The base model is frozen; only the editor learns. The edited forward adds x -> (
 to each edited layer's output through hooks, so gradients flow into the editor.
 Distributed training (Ray Train + DeepSpeed) lives in tasks/mend_train.py; this module is pure torch.
 
+Key whitening (`whiten_keys`, off by default): the editor's u~ is multiplied by the inverse
+(damped) second moment of the weight's inputs, estimated on text before training, so the update
+changes the outputs of inputs like the edited prompt and moves the common directions less.
+
 Applying (Algorithm 2, `MendEditor.edit`): one forward and backward of the base model on the
 requests, the editor, and the factors of the update. A batch of requests sums their loss, so the
 batched edit equals the sum of the single edits.
@@ -96,6 +100,20 @@ class MendNetConfig:
     svd_rank:      singular directions kept per group (factors: svd).
     svd_group:     requests whose gradients are summed before the SVD (factors: svd).
     norm_eps:      added to the running variance before the square root.
+    whiten_keys:   precondition the key side of every update by the inverse second moment of
+                   that weight's inputs, u~ -> (C / s + whiten_damping I)^-1 u~ with
+                   C = E[u u^T] over text and s = trace(C) / in (the C^-1 k of ROME and MEMIT,
+                   Meng et al. 2022, https://arxiv.org/abs/2202.05262). The update then moves
+                   the outputs of inputs like the edited prompt and leaves the common directions
+                   (shared templates, e.g. the relation words of CounterFact's neighbour prompts)
+                   mostly alone. C is estimated from the training facts before the first step
+                   (`set_key_preconditioners`) and saved with the editor. Untrained, the edit is
+                   the preconditioned gradient step; on SmolLM2-135M's layer 27 down projection,
+                   at edit rate 1, it reached 0.98 edit success / 0.81 locality / 0.035 drawdown
+                   on 40 CounterFact val rows, the plain step 0.90 / 0.55 / 0.082 (paraphrase
+                   0.22 vs 0.28; benchmarks/key_whitening.py, docs/benchmarks.md).
+    whiten_damping: lambda above, relative to the mean eigenvalue of C: larger is closer to the
+                   plain step (1e-2 gave the best trade-off of 1e-2, 1e-1 and 1 there).
     """
 
     layers: tuple[int, ...] = (-3, -2, -1)
@@ -107,6 +125,8 @@ class MendNetConfig:
     svd_rank: int = 8
     svd_group: int = 10
     norm_eps: float = 1e-8
+    whiten_keys: bool = False
+    whiten_damping: float = 1e-2
 
     def __post_init__(self) -> None:
         check_targets(self.layers, self.roles)
@@ -116,6 +136,8 @@ class MendNetConfig:
             raise ValueError(f"factors must be one of {FACTORS}, got {self.factors!r}")
         if self.edit_lr_init <= 0:
             raise ValueError("edit_lr_init must be > 0")
+        if self.whiten_damping <= 0:
+            raise ValueError("whiten_damping must be > 0")
 
 
 LOCALITY_POSITIONS = ("all", "answer")
@@ -170,6 +192,8 @@ class MendTrainConfig:
                       steps continues on the longer schedule (its lr jumps back up), so with
                       "cosine" choose `steps` up front. "constant" (the default) extends freely.
     lr_min_ratio:     the cosine schedule's final lr as a share of the initial one.
+    key_stats_rows:   training facts whose texts (`key_texts`) estimate the key second moments
+                      of an editor with MendNetConfig.whiten_keys, before the first step.
     select_by:        "" keeps the editor of the last step; a validation metric (one of
                       SELECTION_METRICS: loss, edit_nll, locality_kl lowest; edit_accuracy,
                       locality_agreement highest) keeps the editor of the validation with the
@@ -193,6 +217,7 @@ class MendTrainConfig:
     lr_schedule: str = "constant"
     lr_min_ratio: float = 0.1
     select_by: str = ""
+    key_stats_rows: int = 400
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -206,8 +231,8 @@ class MendTrainConfig:
         object.__setattr__(self, "edit_lr_grid", tuple(float(x) for x in self.edit_lr_grid))  # lists from JSON / YAML
         if any(x <= 0 for x in self.edit_lr_grid) or self.calibration_rows < 1:
             raise ValueError("edit_lr_grid values must be > 0 and calibration_rows >= 1")
-        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.val_rows < 1:
-            raise ValueError("steps, batch_size, checkpoint_every and val_rows must be >= 1")
+        if min(self.steps, self.batch_size, self.checkpoint_every, self.val_rows, self.key_stats_rows) < 1:
+            raise ValueError("steps, batch_size, checkpoint_every, val_rows and key_stats_rows must be >= 1")
         if self.lr <= 0 or self.edit_lr_lr < 0 or self.c_edit < 0 or self.c_loc < 0 or self.grad_clip < 0 or self.val_every < 0:
             raise ValueError("lr must be > 0; edit_lr_lr, c_edit, c_loc, grad_clip and val_every >= 0")
 
@@ -344,6 +369,9 @@ class MendNet(nn.Module):
         dims = {_shape_key(i, o): (i, o) for _, i, o in self.targets}
         self.editors = nn.ModuleDict({key: ShapeEditor(*dims[key], slots[key], config) for key in slots})
         self.edit_lrs = nn.Parameter(torch.full((len(self.targets),), config.edit_lr_init))
+        if config.whiten_keys:  # (in, in) per weight, the identity until set_key_preconditioners
+            for index, (_, dim_in, _) in enumerate(self.targets):
+                self.register_buffer(f"key_preconditioner_{index}", torch.eye(dim_in))
 
     @property
     def param_names(self) -> list[str]:
@@ -356,8 +384,14 @@ class MendNet(nn.Module):
             u, delta = pairs[name]
             key, slot = self.slot[name]
             u_new, delta_new = self.editors[key](u, delta, slot)
+            if self.config.whiten_keys:
+                u_new = u_new @ self.key_preconditioner(index)  # (N, in); the preconditioner is symmetric
             factors[name] = Factors(left=-self.edit_lrs[index] * delta_new.T, right=u_new)
         return factors
+
+    def key_preconditioner(self, index: int) -> torch.Tensor:
+        """(C / s + damping I)^-1 of edited weight `index` (MendNetConfig.whiten_keys)."""
+        return self.get_buffer(f"key_preconditioner_{index}")
 
 
 def parameter_groups(net: MendNet, train: MendTrainConfig) -> list[dict[str, Any]]:
@@ -520,6 +554,52 @@ def token_pairs(loaded: LoadedModel, batch: CompletionBatch, names: Sequence[str
         for p, flag in zip(params, before):
             p.requires_grad_(flag)
     return {n: (_rows(seen[n][0], keep).detach(), _rows(g, keep).detach()) for n, g in zip(names, grads)}
+
+
+def key_texts(requests: Sequence[EditRequest]) -> list[str]:
+    """Texts whose layer inputs estimate the key second moments: each request's prompt with its
+    old answer (when known) and its locality prompt with its answer: ordinary text of the
+    facts' domain, not the new targets."""
+    texts = []
+    for r in requests:
+        texts.append(f"{r.prompt} {r.ground_truth}" if r.ground_truth else r.prompt)
+        if r.locality_prompt:
+            texts.append(f"{r.locality_prompt} {r.locality_answer}" if r.locality_answer else r.locality_prompt)
+    return texts
+
+
+@torch.no_grad()
+def key_second_moments(loaded: LoadedModel, names: Sequence[str], texts: Sequence[str], batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Per edited weight, C = E[u u^T] (in, in) over every real token of `texts`."""
+    if not texts:
+        raise ValueError("key second moments need at least one text")
+    device = next(loaded.model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    with _captured_io(_modules_of(loaded, names)) as seen:
+        for start in range(0, len(texts), batch_size):
+            batch = text_batch(loaded.tokenizer, list(texts[start : start + batch_size])).to(device)
+            loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            keep = batch.attention_mask.bool()
+            for name in names:
+                u = _rows(seen[name][0], keep).double()  # (N, in)
+                sums[name] = sums[name] + u.T @ u if name in sums else u.T @ u
+            tokens += int(keep.sum())
+    return {name: total / tokens for name, total in sums.items()}
+
+
+def set_key_preconditioners(net: MendNet, moments: Mapping[str, torch.Tensor]) -> None:
+    """Set each edited weight's key preconditioner to (C / s + damping I)^-1, s = trace(C) / in."""
+    if not net.config.whiten_keys:
+        raise ValueError("this editor does not whiten keys (MendNetConfig.whiten_keys is off)")
+    for index, name in enumerate(net.param_names):
+        moment = moments[name].double()
+        dim = moment.shape[0]
+        scale = moment.trace() / dim
+        eye = torch.eye(dim, dtype=moment.dtype, device=moment.device)
+        inverse = torch.linalg.inv(moment / scale + net.config.whiten_damping * eye)
+        buffer = net.key_preconditioner(index)
+        buffer.copy_(((inverse + inverse.T) / 2).to(buffer))  # symmetric to the last bit
 
 
 def low_rank_pairs(u: torch.Tensor, delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

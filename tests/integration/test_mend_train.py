@@ -7,6 +7,7 @@ was written, editor weights equal to 1e-6; the rows of a step depend only on (se
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +17,8 @@ import torch
 from editing_core.artifacts import load_artifact
 from editing_core.data import EditRequest
 from editing_core.editors import make_editor
-from editing_core.editors.mend import MendNetConfig, MendTrainConfig, load_net
+from editing_core.editors.mend import (MendNetConfig, MendTrainConfig, build_net, key_second_moments, key_texts, load_net,
+                                       set_key_preconditioners)
 from editing_core.models import load_model
 from editing_core.tokens import completion_batch, completion_logits
 from pipelines.cli import main
@@ -65,10 +67,12 @@ def test_zero2_offload_training_survives_a_worker_crash_and_resumes(tiny_llama_d
 
 def test_cosine_schedule_and_best_validation_editor_under_ddp(tiny_llama_dir: str, facts: list[EditRequest],
                                                               local_ray: None, tmp_path: Path) -> None:
-    # plain DDP; two validation rows: each of the two workers scores one, the sums are all-reduced
+    # plain DDP; two validation rows: each of the two workers scores one, the sums are all-reduced;
+    # the editor whitens its keys with second moments of the first two facts' texts
     train = MendTrainConfig(steps=8, batch_size=2, checkpoint_every=2, val_every=2, lr=3e-2, lr_schedule="cosine",
-                            lr_min_ratio=0.1, select_by="locality_kl", edit_lr_grid=())
-    result = train_editor(tiny_llama_dir, facts, facts[:2], NET, train, DistributedConfig(workers=2, zero_stage=0),
+                            lr_min_ratio=0.1, select_by="locality_kl", edit_lr_grid=(), key_stats_rows=2)
+    net = replace(NET, whiten_keys=True)
+    result = train_editor(tiny_llama_dir, facts, facts[:2], net, train, DistributedConfig(workers=2, zero_stage=0),
                           tmp_path / "ddp", {"test": True})
     lrs = [h["lr"] for h in result.history]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(3e-3) and lrs[0] < 3e-2
@@ -79,6 +83,14 @@ def test_cosine_schedule_and_best_validation_editor_under_ddp(tiny_llama_dir: st
     _, chosen = load_net(result.editor_dir)
     assert chosen["trained_steps"] == best_step and chosen["selected_by"] == "val_locality_kl"
     assert load_net(tmp_path / "ddp" / "last_editor")[1]["trained_steps"] == 8
+
+    loaded = load_model(tiny_llama_dir)
+    expected = build_net(loaded, net)
+    set_key_preconditioners(expected, key_second_moments(loaded, expected.param_names, key_texts(facts[:2])))
+    trained, _ = load_net(result.editor_dir)
+    for index in range(len(trained.targets)):
+        assert torch.allclose(trained.key_preconditioner(index), expected.key_preconditioner(index), atol=1e-5)
+        assert not torch.allclose(trained.key_preconditioner(index), torch.eye(trained.targets[index][1]), atol=1e-2)
 
 
 def test_train_editor_then_edit_on_smollm2(tmp_path: Path, local_ray: None, smollm2_available: None,

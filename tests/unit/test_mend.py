@@ -11,7 +11,8 @@ from editing_core.artifacts import load_artifact, weights_hash
 from editing_core.editors import make_editor
 from editing_core.editors.mend import (
     EditorFileError, MendNetConfig, MendTrainConfig, build_net, calibrate_edit_rates, edit_pairs, load_net,
-    edited_forward, editor_inputs, is_better, low_rank_pairs, lr_factor, mend_loss, parameter_groups, save_net, token_pairs, training_batch,
+    edited_forward, editor_inputs, is_better, key_second_moments, key_texts, low_rank_pairs, lr_factor, mend_loss, parameter_groups, save_net,
+    set_key_preconditioners, token_pairs, training_batch,
 )
 from editing_core.data import EditRequest
 from editing_core.editors.salem import edit_gain_scan, salem_net_config
@@ -320,3 +321,51 @@ def test_training_curves_of_several_runs_share_one_figure(tmp_path):
     assert (imread(one) != imread(two)).any()  # the second run is drawn
     with pytest.raises(KeyError):
         plot_history([{"step": 1, "loss": 1.0}], tmp_path / "bad.png")  # a history without the plotted keys
+
+
+def _input_second_moment(loaded, name, texts):
+    """E[u u^T] of the weight's inputs over the tokens of `texts`, one unpadded text at a time."""
+    module = loaded.model.get_submodule(name.rsplit(".", 1)[0])
+    inputs = []
+    handle = module.register_forward_hook(lambda _m, args, _out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                loaded.model(input_ids=torch.tensor([loaded.tokenizer(text)["input_ids"]]))
+    finally:
+        handle.remove()
+    u = torch.cat(inputs).double()
+    return u.T @ u / u.shape[0]
+
+
+@pytest.mark.parametrize("arch", ("llama", "gpt2"))
+def test_whitened_identity_editor_is_the_preconditioned_gradient_step(tmp_path, arch, facts):
+    loaded = tiny_model(arch)
+    config = MendNetConfig(layers=(-1,), roles=("mlp_in", "mlp_out"), edit_lr_init=0.01, whiten_keys=True, whiten_damping=0.1)
+    net = build_net(loaded, config).eval()
+    texts = key_texts(facts)
+    assert len(texts) == 2 * len(facts) and texts[:2] == [facts[0].prompt, "Alice plays chess"]
+    set_key_preconditioners(net, key_second_moments(loaded, net.param_names, texts, batch_size=2))  # padded batches
+    deltas = _dense(net(edit_pairs(loaded, facts, config, net.param_names, batch_size=2)))
+    grads = _gradients(loaded, facts, net.param_names)
+    for index, name in enumerate(net.param_names):
+        moment = _input_second_moment(loaded, name, texts)
+        dim = moment.shape[0]
+        preconditioner = torch.linalg.inv(moment * dim / moment.trace() + 0.1 * torch.eye(dim, dtype=moment.dtype)).float()
+        assert torch.allclose(net.key_preconditioner(index), preconditioner, rtol=1e-4, atol=1e-5), name
+        assert not torch.allclose(preconditioner, torch.eye(dim), atol=1e-2)
+        assert torch.allclose(deltas[name], -0.01 * grads[name] @ preconditioner, rtol=1e-3, atol=1e-6), name
+
+    save_net(net, tmp_path / "editor", {"base_model": loaded.name})  # the preconditioners are part of the editor
+    reloaded, _ = load_net(tmp_path / "editor")
+    for index in range(len(net.param_names)):
+        assert torch.equal(reloaded.key_preconditioner(index), net.key_preconditioner(index))
+    with pytest.raises(ValueError, match="does not whiten keys"):
+        set_key_preconditioners(build_net(loaded, MendNetConfig(layers=(-1,))), {})
+
+
+def test_whitening_settings_are_checked():
+    with pytest.raises(ValueError, match="whiten_damping"):
+        MendNetConfig(whiten_keys=True, whiten_damping=0.0)
+    with pytest.raises(ValueError, match="key_stats_rows"):
+        MendTrainConfig(key_stats_rows=0)
