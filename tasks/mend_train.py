@@ -16,6 +16,11 @@ group (FailureConfig), and every worker resumes from the latest checkpoint; runn
 command again (same --out) resumes a stopped run the same way, as Ray Train finds the run's
 earlier checkpoints under the same name and storage path.
 
+Before the first step of a fresh run, an editor with `whiten_keys` gets its key preconditioners
+from the first `key_stats_rows` training facts (every worker computes them from the same rows),
+and then the edit rates are calibrated on the preconditioned step; a resumed run takes both
+from its checkpoint.
+
 Validation (`val_rows`, every `val_every` steps) is split over the workers when the rows split
 evenly. With `select_by`, rank 0 keeps the editor of the best validation so far and every
 checkpoint carries it (`best_editor/`), so a resumed run keeps its choice; the run then ends
