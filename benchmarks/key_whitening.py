@@ -24,17 +24,15 @@ import torch
 
 from ft_vs_ftkl import edit_and_score, known_heldout, load_rows  # benchmarks/ is on sys.path when a script here runs
 from editing_core.editors import make_editor
-from editing_core.editors.mend import MendNetConfig, build_net, key_second_moments, key_texts, save_net, set_key_preconditioners
+from editing_core.editors.mend import (MendNetConfig, build_net, key_second_moments, key_texts, net_targets, save_net,
+                                       set_key_preconditioners)
 from editing_core.models import load_model
+from editing_core.plotting import agg_figure
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = agg_figure((11, 4.5))
+    axes = fig.subplots(1, 2)
     for damping in dict.fromkeys(r["damping"] for r in results):
         points = [r for r in results if r["damping"] == damping]
         label = "plain gradient step" if damping == "none" else f"whitened, damping {damping}"
@@ -50,8 +48,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     fig.suptitle(f"{title} (points labelled by edit rate)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path)
 
 
 def main() -> None:
@@ -73,7 +70,7 @@ def main() -> None:
     heldout = known_heldout(loaded, args.heldout)
     layers = tuple(int(x) for x in args.layers.split(","))
     roles = tuple(args.roles.split(","))
-    names = build_net(loaded, MendNetConfig(layers=layers, roles=roles)).param_names
+    names = [name for name, _, _ in net_targets(loaded, MendNetConfig(layers=layers, roles=roles))]
     moments = key_second_moments(loaded, names, key_texts(load_rows("train", args.key_rows)))
     results = []
     with tempfile.TemporaryDirectory() as scratch:
