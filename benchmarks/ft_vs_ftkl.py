@@ -38,12 +38,12 @@ COLUMNS = (
 )
 
 
-def load_rows(split: str, n: int):
+def load_rows(split: str, n: int, start: int = 0):
     import datasets
 
     path = SHARED_DATA / "counterfact" / f"{split}.json"
-    rows = json.loads(path.read_text(encoding="utf-8"))[:n]
-    return requests_from_dataset(datasets.Dataset.from_list(rows), f"{path.name}[:{n}]")
+    rows = json.loads(path.read_text(encoding="utf-8"))[start : start + n]
+    return requests_from_dataset(datasets.Dataset.from_list(rows), f"{path.name}[{start or ''}:{start + n}]")
 
 
 def known_heldout(loaded, n: int, batch_size: int = 16) -> list[tuple[str, str]]:

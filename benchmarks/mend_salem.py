@@ -14,6 +14,12 @@ B=10: ten facts in one edit), each group scored before and after with editing_co
 and generated) and detached again. Metrics are means over rows (group means weighted by size).
 FT / FT+KL use the same settings as benchmarks/ft_vs_ftkl.py (FT+KL anchors from the train split).
 
+Methods take config overrides after a colon, `;`-separated: `ft:steps=5;ft:steps=6` (FT's cost
+of edit success), `mend:edit_scale=1.5` (a trained editor applied at 1.5x its learned edit
+rates, MendConfig.edit_scale). --tradeoff-plot draws every single-edit result as edit success
+against seconds per edit and drawdown against edit success, one line per method and tag: the
+comparison at equal edit success.
+
 --latency: a MEND edit's wall time divided by one forward+backward of the base model on the same
 prompt (gradients of the edited weights only, which is what a gradient edit needs), median of
 --latency-reps single-fact edits.
@@ -85,6 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=200, help="val rows edited")
+    parser.add_argument("--start", type=int, default=0, help="first val row edited (e.g. 1000: rows kept apart for "
+                                                            "choosing an edit_scale, disjoint from the first 200)")
     parser.add_argument("--batches", default="1,10", help="facts per edit, comma-separated")
     parser.add_argument("--methods", default="ft,ft_kl,mend,salem",
                         help="comma-separated; `;` separates methods with overrides, e.g. 'ft:steps=4;ft:steps=8'")
@@ -101,17 +109,23 @@ def main() -> None:
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--plot-labels", help="comma-separated result labels of the JSON to plot (default: all); "
                                               "with --methods \"\" only redraws the plot")
+    parser.add_argument("--tradeoff-plot", type=Path, help="also draw edit success against seconds per edit and "
+                                                           "drawdown against edit success, one line per method "
+                                                           "and tag through its knob (FT steps, MEND edit_scale)")
     args = parser.parse_args()
 
     previous = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     separator = ";" if ";" in args.methods or ":" in args.methods else ","
     methods = [m.strip() for m in args.methods.split(separator) if m.strip()]
-    if not methods:  # redraw the plot of the JSON's results
-        plot(_plotted(previous.get("results", {}), args.plot_labels), args.plot, f"{args.model}: CounterFact val")
+    if not methods:  # redraw the plots of the JSON's results
+        if args.plot:
+            plot(_plotted(previous.get("results", {}), args.plot_labels), args.plot, f"{args.model}: CounterFact val")
+        if args.tradeoff_plot:
+            plot_tradeoff(_plotted(previous.get("results", {}), args.plot_labels), args.tradeoff_plot, f"{args.model}: CounterFact val")
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     loaded = load_model(args.model)
-    requests = load_rows("val", args.n)
+    requests = load_rows("val", args.n, args.start)
     heldout = known_heldout(loaded, args.heldout)
     editors = {"mend": args.mend, "salem": args.salem}
     results: dict[str, dict] = {}
@@ -132,6 +146,50 @@ def main() -> None:
         args.json.write_text(json.dumps({"model": args.model, "n": args.n, "heldout": len(heldout), "results": merged}, indent=2))
     if args.plot:
         plot(_plotted(merged, args.plot_labels), args.plot, f"{args.model}: CounterFact val, {args.n} rows")
+    if args.tradeoff_plot:
+        plot_tradeoff(_plotted(merged, args.plot_labels), args.tradeoff_plot, f"{args.model}: CounterFact val")
+
+
+def _series(label: str) -> tuple[str, str]:
+    """`method:knob=value@tag xB` -> (`method@tag`, `knob=value`); no knob: the method's default."""
+    spec, _, tag = label.rpartition(" x")[0].partition("@")
+    method, _, knob = spec.partition(":")
+    return method + (f"@{tag}" if tag else ""), knob or "default"
+
+
+def plot_tradeoff(results: dict[str, dict], path: Path, title: str) -> None:
+    """Single edits only: edit success against seconds per edit (log) and drawdown against edit
+    success, each method / tag one line through its settings, each point named by its knob."""
+    from editing_core.plotting import agg_figure
+
+    lines: dict[str, list[tuple[str, dict]]] = {}
+    for label, result in results.items():
+        if result.get("batch") == 1 and "latency" not in label:
+            series, knob = _series(label)
+            lines.setdefault(series, []).append((knob, result))
+    figure = agg_figure((13, 5.5))
+    speed, harm = figure.subplots(1, 2)
+    for series, points in sorted(lines.items()):
+        points.sort(key=lambda p: p[1]["edit_success"])
+        es = [r["edit_success"] for _, r in points]
+        rows = points[0][1].get("n_edits", "?")
+        line, = speed.plot([r["seconds_per_edit"] for _, r in points], es, "o-", label=f"{series} ({rows} rows)")
+        harm.plot(es, [r["drawdown"] for _, r in points], "o-", color=line.get_color())
+        seconds = [r["seconds_per_edit"] for _, r in points]
+        cost_varies = max(seconds) > 1.2 * min(seconds)  # FT's steps; an editor's scale costs nothing
+        for knob, r in points:
+            if cost_varies:
+                speed.annotate(knob, (r["seconds_per_edit"], r["edit_success"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+            harm.annotate(knob, (r["edit_success"], r["drawdown"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    speed.set(xscale="log", xlabel="seconds per edit (one fact)", ylabel="edit success", title="cost of edit success")
+    harm.set(xlabel="edit success", ylabel="drawdown (held-out known pairs)", title="harm at each edit success")
+    speed.legend(fontsize=7, loc="lower right")
+    for axis in (speed, harm):
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{title}: single edits")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
 
 
 def _plotted(results: dict[str, dict], labels: str | None) -> dict[str, dict]:

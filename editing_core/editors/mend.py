@@ -247,16 +247,28 @@ class MendConfig:
     check_base: refuse a model whose edited weights differ from the ones the editor was trained
                 on (an editor learns one model's gradients); off, a mismatch only warns.
     progress:   show a progress bar.
+    edit_scale: multiplies every learned edit rate eta_l when applying: the edit's strength,
+                chosen at deployment without retraining. Above 1 buys edit success and
+                paraphrase with locality and drawdown, below 1 the reverse; 1 applies the editor
+                as trained. The whitened SmolLM2-135M MEND editor on 100 CounterFact val rows
+                (edit success / paraphrase / locality / drawdown): 0.7 -> 0.81 / 0.50 / 0.90 /
+                0.07, 1 -> 0.95 / 0.76 / 0.84 / 0.09, 1.5 -> 1.00 / 0.98 / 0.75 / 0.14
+                (docs/benchmarks.md). It is also how two editors are compared at equal edit
+                success, as FT is by its steps (benchmarks/mend_salem.py, `--methods
+                "salem:edit_scale=0.8"`).
     """
 
     editor: str = ""
     batch_size: int = 16
     check_base: bool = False
     progress: bool = False
+    edit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not self.edit_scale > 0:
+            raise ValueError(f"edit_scale must be > 0, got {self.edit_scale}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -822,7 +834,11 @@ class MendEditor(Editor):
         net.to(device).eval()
         pairs = edit_pairs(loaded, requests, net.config, net.param_names, self.config.batch_size)
         with torch.no_grad():
-            return net(pairs)
+            factors = net(pairs)
+        if self.config.edit_scale != 1.0:  # the update is linear in left: scale eta_l there
+            for f in factors.values():
+                f.left = f.left * self.config.edit_scale
+        return factors
 
     def edit(self, loaded: LoadedModel, requests: Sequence[EditRequest], parent: EditArtifact | None = None) -> WeightDeltaArtifact:
         if not requests:

@@ -276,6 +276,20 @@ def test_saved_editor_reloads_and_edits_with_low_rank_factors(tmp_path, gpt2, fa
     assert same_state(gpt2.model, state)
 
 
+def test_edit_scale_multiplies_the_update_and_is_recorded(tmp_path, llama, facts):
+    net = _perturbed(build_net(llama, MendNetConfig(layers=(-1,), rank=4)))
+    save_net(net, tmp_path / "editor", {"base_model": llama.name})
+    as_trained = make_editor("mend", editor=str(tmp_path / "editor")).edit(llama, facts[:2])
+    scaled = make_editor("mend", editor=str(tmp_path / "editor"), edit_scale=0.25).edit(llama, facts[:2])
+    assert scaled.meta.config["edit_scale"] == 0.25 and as_trained.meta.config["edit_scale"] == 1.0
+    for name, delta in as_trained.deltas.items():
+        assert delta.tensor().abs().max() > 0
+        assert torch.allclose(scaled.deltas[name].tensor(), 0.25 * delta.tensor(), rtol=1e-5, atol=1e-8), name
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="edit_scale must be > 0"):
+            make_editor("mend", editor=str(tmp_path / "editor"), edit_scale=bad)
+
+
 def test_editor_checks_its_kind_and_the_model(tmp_path, llama, gpt2, facts):
     net = build_net(llama, MendNetConfig(layers=(-1,)))
     save_net(net, tmp_path / "mend", {"base_model": llama.name, "base_hash": weights_hash(llama.model, net.param_names)})
