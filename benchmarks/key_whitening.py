@@ -20,8 +20,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
-
 from ft_vs_ftkl import edit_and_score, known_heldout, load_rows  # benchmarks/ is on sys.path when a script here runs
 from editing_core.editors import make_editor
 from editing_core.editors.mend import (MendNetConfig, build_net, key_second_moments, key_texts, net_targets, save_net,
@@ -76,15 +74,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for damping in args.dampings.split(","):
             whiten = damping != "none"
-            config = MendNetConfig(layers=layers, roles=roles, whiten_keys=whiten, **({"whiten_damping": float(damping)} if whiten else {}))
+            config = MendNetConfig(layers=layers, roles=roles, edit_lr_init=1.0, whiten_keys=whiten,
+                                   **({"whiten_damping": float(damping)} if whiten else {}))
             net = build_net(loaded, config)
             if whiten:
                 set_key_preconditioners(net, moments)
-            for rate in (float(x) for x in args.rates.split(",")):
-                with torch.no_grad():
-                    net.edit_lrs.fill_(rate)
-                directory = save_net(net, Path(scratch) / f"{damping}-{rate}", {"base_model": loaded.name})
-                summary = edit_and_score(loaded, make_editor("mend", editor=str(directory)), requests, 1, heldout, generated=False)
+            directory = save_net(net, Path(scratch) / damping, {"base_model": loaded.name})
+            for rate in (float(x) for x in args.rates.split(",")):  # rates 1 scaled: the edit rate
+                editor = make_editor("mend", editor=str(directory), edit_scale=rate)
+                summary = edit_and_score(loaded, editor, requests, 1, heldout, generated=False)
                 results.append({"damping": damping, "rate": rate, **summary})
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results[-1].items()}), flush=True)
     print("| step | edit rate | edit_success | paraphrase | locality | drawdown |\n|---|---|---|---|---|---|")

@@ -118,10 +118,7 @@ def main() -> None:
     separator = ";" if ";" in args.methods or ":" in args.methods else ","
     methods = [m.strip() for m in args.methods.split(separator) if m.strip()]
     if not methods:  # redraw the plots of the JSON's results
-        if args.plot:
-            plot(_plotted(previous.get("results", {}), args.plot_labels), args.plot, f"{args.model}: CounterFact val")
-        if args.tradeoff_plot:
-            plot_tradeoff(_plotted(previous.get("results", {}), args.plot_labels), args.tradeoff_plot, f"{args.model}: CounterFact val")
+        draw(previous.get("results", {}), args, f"{args.model}: CounterFact val")
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     loaded = load_model(args.model)
@@ -144,10 +141,16 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "n": args.n, "heldout": len(heldout), "results": merged}, indent=2))
+    draw(merged, args, f"{args.model}: CounterFact val, {args.n} rows")
+
+
+def draw(results: dict[str, dict], args: argparse.Namespace, title: str) -> None:
+    """The figures asked for (--plot, --tradeoff-plot) of the --plot-labels results."""
+    chosen = _plotted(results, args.plot_labels)
     if args.plot:
-        plot(_plotted(merged, args.plot_labels), args.plot, f"{args.model}: CounterFact val, {args.n} rows")
+        plot(chosen, args.plot, title)
     if args.tradeoff_plot:
-        plot_tradeoff(_plotted(merged, args.plot_labels), args.tradeoff_plot, f"{args.model}: CounterFact val")
+        plot_tradeoff(chosen, args.tradeoff_plot, f"{args.model}: CounterFact val")
 
 
 def _series(label: str) -> tuple[str, str]:
@@ -172,10 +175,10 @@ def plot_tradeoff(results: dict[str, dict], path: Path, title: str) -> None:
     for series, points in sorted(lines.items()):
         points.sort(key=lambda p: p[1]["edit_success"])
         es = [r["edit_success"] for _, r in points]
-        rows = points[0][1].get("n_edits", "?")
-        line, = speed.plot([r["seconds_per_edit"] for _, r in points], es, "o-", label=f"{series} ({rows} rows)")
-        harm.plot(es, [r["drawdown"] for _, r in points], "o-", color=line.get_color())
         seconds = [r["seconds_per_edit"] for _, r in points]
+        rows = points[0][1].get("n_edits", "?")
+        line, = speed.plot(seconds, es, "o-", label=f"{series} ({rows} rows)")
+        harm.plot(es, [r["drawdown"] for _, r in points], "o-", color=line.get_color())
         cost_varies = max(seconds) > 1.2 * min(seconds)  # FT's steps; an editor's scale costs nothing
         for knob, r in points:
             if cost_varies:

@@ -389,8 +389,9 @@ class MendNet(nn.Module):
     def param_names(self) -> list[str]:
         return [name for name, _, _ in self.targets]
 
-    def forward(self, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Factors]:
-        """(u, delta) pairs per edited weight -> the factors of each weight's update."""
+    def forward(self, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], edit_scale: float = 1.0) -> dict[str, Factors]:
+        """(u, delta) pairs per edited weight -> the factors of each weight's update, with every
+        edit rate multiplied by `edit_scale` (MendConfig.edit_scale)."""
         factors = {}
         for index, name in enumerate(self.param_names):
             u, delta = pairs[name]
@@ -398,7 +399,7 @@ class MendNet(nn.Module):
             u_new, delta_new = self.editors[key](u, delta, slot)
             if self.config.whiten_keys:
                 u_new = u_new @ self.key_preconditioner(index)  # (N, in); the preconditioner is symmetric
-            factors[name] = Factors(left=-self.edit_lrs[index] * delta_new.T, right=u_new)
+            factors[name] = Factors(left=-(edit_scale * self.edit_lrs[index]) * delta_new.T, right=u_new)
         return factors
 
     def key_preconditioner(self, index: int) -> torch.Tensor:
@@ -834,11 +835,7 @@ class MendEditor(Editor):
         net.to(device).eval()
         pairs = edit_pairs(loaded, requests, net.config, net.param_names, self.config.batch_size)
         with torch.no_grad():
-            factors = net(pairs)
-        if self.config.edit_scale != 1.0:  # the update is linear in left: scale eta_l there
-            for f in factors.values():
-                f.left = f.left * self.config.edit_scale
-        return factors
+            return net(pairs, self.config.edit_scale)
 
     def edit(self, loaded: LoadedModel, requests: Sequence[EditRequest], parent: EditArtifact | None = None) -> WeightDeltaArtifact:
         if not requests:
