@@ -16,6 +16,7 @@ rows (`key_texts`), as editor training computes them (MendTrainConfig.key_stats_
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -28,12 +29,17 @@ from editing_core.models import load_model
 from editing_core.plotting import agg_figure
 
 
+def step_label(result: dict) -> str:
+    step = "plain" if result["damping"] == "none" else f"whitened, damping {result['damping']}"
+    positions = result.get("pair_positions", "all")  # results saved before pair_positions were all "all"
+    return step if positions == "all" else f"{step}, {positions} positions"
+
+
 def plot(results: list[dict], path: Path, title: str) -> None:
     fig = agg_figure((11, 4.5))
     axes = fig.subplots(1, 2)
-    for damping in dict.fromkeys(r["damping"] for r in results):
-        points = [r for r in results if r["damping"] == damping]
-        label = "plain gradient step" if damping == "none" else f"whitened, damping {damping}"
+    for label in dict.fromkeys(step_label(r) for r in results):
+        points = [r for r in results if step_label(r) == label]
         for axis, metric in zip(axes, ("locality", "paraphrase")):
             axis.plot([p["edit_success"] for p in points], [p[metric] for p in points], marker="o", label=label)
             for p in points:
@@ -58,6 +64,7 @@ def main() -> None:
     parser.add_argument("--key-rows", type=int, default=400, help="train rows whose texts estimate the key second moments")
     parser.add_argument("--dampings", default="none,0.01,0.1,1", help="'none' is the plain step")
     parser.add_argument("--rates", default="0.3,1,3,10", help="edit rates (the same for every edited weight)")
+    parser.add_argument("--pair-positions", default="all", help="MendNetConfig.pair_positions values to compare, comma-separated")
     parser.add_argument("--heldout", type=int, default=10, help="held-out known pairs for drawdown")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
@@ -72,23 +79,23 @@ def main() -> None:
     moments = key_second_moments(loaded, names, key_texts(load_rows("train", args.key_rows)))
     results = []
     with tempfile.TemporaryDirectory() as scratch:
-        for damping in args.dampings.split(","):
+        for positions, damping in itertools.product(args.pair_positions.split(","), args.dampings.split(",")):
             whiten = damping != "none"
-            config = MendNetConfig(layers=layers, roles=roles, edit_lr_init=1.0, whiten_keys=whiten,
+            config = MendNetConfig(layers=layers, roles=roles, edit_lr_init=1.0, whiten_keys=whiten, pair_positions=positions,
                                    **({"whiten_damping": float(damping)} if whiten else {}))
             net = build_net(loaded, config)
             if whiten:
                 set_key_preconditioners(net, moments)
-            directory = save_net(net, Path(scratch) / damping, {"base_model": loaded.name})
+            directory = save_net(net, Path(scratch) / f"{positions}-{damping}", {"base_model": loaded.name})
             for rate in (float(x) for x in args.rates.split(",")):  # rates 1 scaled: the edit rate
                 editor = make_editor("mend", editor=str(directory), edit_scale=rate)
                 summary = edit_and_score(loaded, editor, requests, 1, heldout, generated=False)
-                results.append({"damping": damping, "rate": rate, **summary})
+                results.append({"pair_positions": positions, "damping": damping, "rate": rate, **summary})
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results[-1].items()}), flush=True)
     print("| step | edit rate | edit_success | paraphrase | locality | drawdown |\n|---|---|---|---|---|---|")
     for r in results:
-        step = "plain" if r["damping"] == "none" else f"whitened, damping {r['damping']}"
-        print(f"| {step} | {r['rate']:g} | {r['edit_success']:.3f} | {r['paraphrase']:.3f} | {r['locality']:.3f} | {r['drawdown']:.3f} |")
+        print(f"| {step_label(r)} | {r['rate']:g} | {r['edit_success']:.3f} | {r['paraphrase']:.3f} | "
+              f"{r['locality']:.3f} | {r['drawdown']:.3f} |")
     title = f"{args.model}: layers {args.layers} {args.roles}, {args.n} CounterFact val rows"
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,18 @@ def completion_ids(tokenizer: Any, prompt: str, completion: str) -> tuple[list[i
     return prompt_ids, target_ids
 
 
+def subject_last_token(tokenizer: Any, prompt: str, subject: str) -> int | None:
+    """Index, in the prompt's ids (with the special prefix), of the last token overlapping the
+    first occurrence of `subject` in `prompt`; None when it does not occur."""
+    start = prompt.find(subject) if subject else -1
+    if start < 0:
+        return None
+    end = start + len(subject)
+    offsets = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    return inside[-1] if inside else None
+
+
 @dataclass
 class CompletionBatch:
     input_ids: torch.Tensor  # (B, T)

@@ -66,7 +66,7 @@ from ..config import config_to_dict, load_config
 from ..data.requests import EditRequest
 from ..models.loading import LoadedModel
 from ..tokens import (CompletionBatch, completion_batch, completion_ids, completion_logits, completion_nll, kl_from_reference,
-                      pad_completions, text_batch)
+                      pad_completions, subject_last_token, text_batch)
 from .base import Editor, FoldingSession, check_targets, register_editor
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 NET_CONFIG_NAME = "editor.json"
 NET_WEIGHTS_NAME = "editor.safetensors"
 FACTORS = ("tokens", "svd")
+PAIR_POSITIONS = ("all", "subject")
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,6 +98,18 @@ class MendNetConfig:
     factors:       `tokens`: one (u, delta) pair per token (MEND); `svd`: the top-`svd_rank`
                    singular pairs of the gradient summed over each group of `svd_group`
                    requests (SaLEM).
+    pair_positions: which token pairs the editor sees. "all" (the paper): every real token of
+                   prompt + target; their sum is the weight's gradient. "subject": only the last
+                   token of each request's subject in its prompt (needs `subject`), where ROME
+                   and MEMIT write their edits. CounterFact's neighbour prompts share the
+                   relation and the true object with the edited prompt: on SmolLM2-135M's layers
+                   26-29, a rank-1 update along the whitened key of the prompt's last token
+                   reaches them with 0.13-0.40 of its size, one along the subject's last token
+                   with 0.02-0.04, no more than it reaches unrelated prompts
+                   (benchmarks/key_overlap.py, docs/benchmarks.md). But the gradient there is
+                   a poor value: a layer-27 editor trained on subject pairs (1000 steps) reached
+                   0.54 edit success at 0.97 locality, 0.81 at 0.93 (edit_scale 2), no better
+                   than the "all" editors' trade-off on 100 val rows.
     svd_rank:      singular directions kept per group (factors: svd).
     svd_group:     requests whose gradients are summed before the SVD (factors: svd).
     norm_eps:      added to the running variance before the square root.
@@ -122,6 +135,7 @@ class MendNetConfig:
     blocks: int = 2
     edit_lr_init: float = 1e-3
     factors: str = "tokens"
+    pair_positions: str = "all"
     svd_rank: int = 8
     svd_group: int = 10
     norm_eps: float = 1e-8
@@ -134,6 +148,8 @@ class MendNetConfig:
             raise ValueError("rank, blocks, svd_rank and svd_group must be >= 1")
         if self.factors not in FACTORS:
             raise ValueError(f"factors must be one of {FACTORS}, got {self.factors!r}")
+        if self.pair_positions not in PAIR_POSITIONS:
+            raise ValueError(f"pair_positions must be one of {PAIR_POSITIONS}, got {self.pair_positions!r}")
         if self.edit_lr_init <= 0:
             raise ValueError("edit_lr_init must be > 0")
         if self.whiten_damping <= 0:
@@ -547,14 +563,17 @@ def _modules_of(loaded: LoadedModel, names: Sequence[str]) -> dict[str, nn.Modul
     return {name: loaded.model.get_submodule(name.rsplit(".", 1)[0]) for name in names}
 
 
-def token_pairs(loaded: LoadedModel, batch: CompletionBatch, names: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per edited weight, the (u, delta) pairs of every real token of the batch: (N, in), (N, out).
+def token_pairs(loaded: LoadedModel, batch: CompletionBatch, names: Sequence[str],
+                keep: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per edited weight, the (u, delta) pairs of the batch's tokens where `keep` (B, T) is set
+    (default: every real token): (N, in), (N, out).
 
     The loss is the SUM over rows of each row's mean target NLL, so the pairs of a batch are the
-    pairs of its rows put together. sum_t delta_t u_t^T equals the weight's gradient (out, in)."""
+    pairs of its rows put together. Over every real token, sum_t delta_t u_t^T equals the
+    weight's gradient (out, in)."""
     params = [loaded.model.get_parameter(n) for n in names]
     before = [p.requires_grad for p in params]
-    keep = batch.attention_mask.bool()
+    keep = batch.attention_mask.bool() if keep is None else keep
     try:
         for p in params:  # so the edited layers' outputs carry a gradient
             p.requires_grad_(True)
@@ -628,8 +647,25 @@ def low_rank_pairs(u: torch.Tensor, delta: torch.Tensor, rank: int) -> tuple[tor
     return b.T.to(u.dtype), a.T.to(delta.dtype)
 
 
-def editor_inputs(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], config: MendNetConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """What the editor sees: the token pairs (MEND) or their top singular pairs (SaLEM)."""
+def subject_mask(tokenizer: Any, batch: CompletionBatch, requests: Sequence[EditRequest]) -> torch.Tensor:
+    """(B, T) bool: the last token of each request's subject in its prompt (the batch's rows)."""
+    mask = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    for row, request in enumerate(requests):
+        at = subject_last_token(tokenizer, request.prompt, request.subject or "")
+        if at is None:
+            where = request.source or request.prompt
+            raise ValueError(f"{where}: field 'subject' ({request.subject!r}) must occur in the prompt "
+                             f"({request.prompt!r}) for an editor with pair_positions 'subject'")
+        mask[row, at] = True
+    return mask
+
+
+def editor_inputs(loaded: LoadedModel, batch: CompletionBatch, requests: Sequence[EditRequest], names: Sequence[str],
+                  config: MendNetConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """What the editor sees of an edit batch (one row per request): its token pairs at
+    `config.pair_positions` (MEND) or their top singular pairs (SaLEM)."""
+    keep = subject_mask(loaded.tokenizer, batch, requests).to(batch.attention_mask.device) if config.pair_positions == "subject" else None
+    pairs = token_pairs(loaded, batch, names, keep)
     if config.factors == "svd":
         return {n: low_rank_pairs(u, d, config.svd_rank) for n, (u, d) in pairs.items()}
     return pairs
@@ -645,7 +681,7 @@ def edit_pairs(loaded: LoadedModel, requests: Sequence[EditRequest], config: Men
     for start in range(0, len(requests), step):
         group = requests[start : start + step]
         batch = completion_batch(loaded.tokenizer, [(r.prompt, r.target_new) for r in group]).to(device)
-        chunks.append(editor_inputs(token_pairs(loaded, batch, names), config))
+        chunks.append(editor_inputs(loaded, batch, group, names, config))
     return {n: (torch.cat([c[n][0] for c in chunks]), torch.cat([c[n][1] for c in chunks])) for n in names}
 
 
@@ -721,7 +757,7 @@ def _locality_batch(tokenizer: Any, requests: Sequence[EditRequest], positions: 
 def training_batch(loaded: LoadedModel, requests: Sequence[EditRequest],
                    locality_positions: str = MendTrainConfig.locality_positions) -> TrainingBatch:
     """Tokenise one training step's requests; every request needs a locality_prompt."""
-    missing = [r.case_id or r.prompt for r in requests if not r.locality_prompt]
+    missing = [r.source or r.prompt for r in requests if not r.locality_prompt]
     if missing:
         raise ValueError(f"MEND training needs a locality_prompt on every request; missing for {missing[:5]}")
     device = next(loaded.model.parameters()).device
@@ -751,7 +787,7 @@ def mend_loss(net: MendNet, loaded: LoadedModel, batch: TrainingBatch, train: Me
     rows whose every target token is the argmax), locality_agreement (share of the KL's locality
     positions whose argmax the edit left unchanged)."""
     names = net.param_names
-    pairs = editor_inputs(token_pairs(loaded, batch.edit, names), net.config)
+    pairs = editor_inputs(loaded, batch.edit, batch.requests, names, net.config)
     factors = (call or net)(pairs)
     with edited_forward(loaded, factors):
         logits = completion_logits(loaded.model, batch.equivalent)

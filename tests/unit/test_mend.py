@@ -4,6 +4,8 @@ editor reloads and edits without changing the model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ from editing_core.editors.mend import (
 from editing_core.data import EditRequest
 from editing_core.editors.salem import edit_gain_scan, salem_net_config
 from editing_core.models.tiny import tiny_model
-from editing_core.tokens import completion_batch, completion_logits, completion_nll
+from editing_core.tokens import completion_batch, completion_logits, completion_nll, subject_last_token
 from tests.conftest import same_state, snapshot
 
 STEPS = 40
@@ -78,6 +80,45 @@ def test_batched_edit_equals_the_sum_of_single_edits(llama, facts):
         total = sum(s[name] for s in singles)
         assert torch.allclose(batched[name], total, rtol=1e-4, atol=1e-6), name
         assert not torch.allclose(batched[name], singles[0][name])
+
+
+def test_subject_position_editor_edits_along_the_subjects_last_token_only(tmp_path, llama, facts):
+    subjects = [replace(facts[0], subject="capital of France"), replace(facts[1], subject="Bob")]
+    assert [subject_last_token(llama.tokenizer, r.prompt, r.subject) for r in subjects] == [
+        llama.tokenizer(r.prompt)["input_ids"].index(llama.tokenizer.convert_tokens_to_ids(word))
+        for r, word in zip(subjects, ("France", "Bob"))]
+    # layer 0: the subject's position reaches the answer through layer 1's attention
+    config = MendNetConfig(layers=(0,), roles=("mlp_in", "mlp_out"), edit_lr_init=0.01, pair_positions="subject")
+    net = build_net(llama, config).eval()
+    deltas = _dense(net(edit_pairs(llama, subjects, config, net.param_names, batch_size=2)))
+    expected = {name: 0 for name in net.param_names}
+    for r in subjects:  # the identity editor's step: -lr delta_s u_s^T, s the subject's last token
+        batch = completion_batch(llama.tokenizer, [(r.prompt, r.target_new)])
+        every = token_pairs(llama, batch, net.param_names)  # all tokens, in order
+        at = subject_last_token(llama.tokenizer, r.prompt, r.subject)
+        for name, (u, delta) in every.items():
+            expected[name] = expected[name] - 0.01 * torch.outer(delta[at], u[at])
+    for name in net.param_names:
+        assert expected[name].abs().max() > 0
+        assert torch.allclose(deltas[name], expected[name], rtol=1e-4, atol=1e-7), name
+
+    save_net(net, tmp_path / "editor", {"base_model": llama.name})
+    state = snapshot(llama.model)
+    editor = make_editor("mend", editor=str(tmp_path / "editor"))
+    assert editor.edit(llama, subjects).deltas[net.param_names[0]].rank == 2  # one pair per request
+    for bad in (replace(facts[2], subject=None, source="facts.jsonl line 3"), replace(facts[2], subject="Italy")):
+        with pytest.raises(ValueError, match="subject"):
+            editor.edit(llama, [subjects[0], bad])
+    with pytest.raises(ValueError, match="facts.jsonl line 3"):
+        editor.edit(llama, [replace(facts[2], subject=None, source="facts.jsonl line 3")])
+    assert same_state(llama.model, state)
+    with pytest.raises(ValueError, match="pair_positions"):
+        MendNetConfig(pair_positions="answer")
+
+
+def test_training_batches_name_a_request_without_locality_prompt(llama, facts):
+    with pytest.raises(ValueError, match="facts.jsonl line 2"):
+        training_batch(llama, [facts[0], replace(facts[1], locality_prompt=None, source="facts.jsonl line 2")])
 
 
 def test_svd_factors_have_the_requested_rank_and_are_the_best_approximation():
@@ -156,7 +197,7 @@ def test_the_locality_kl_follows_the_mask(llama, facts):
     for positions in ("answer", "all"):
         batch = training_batch(llama, facts, positions)
         _, parts = mend_loss(net, llama, batch, MendTrainConfig(locality_positions=positions))
-        factors = net(editor_inputs(token_pairs(llama, batch.edit, net.param_names), net.config))
+        factors = net(editor_inputs(llama, batch.edit, batch.requests, net.param_names, net.config))
         with torch.no_grad(), edited_forward(llama, factors):
             logprobs = completion_logits(llama.model, batch.locality).float().log_softmax(-1)
         kl = (batch.locality_reference.exp() * (batch.locality_reference - logprobs)).sum(-1)  # (B, T)
