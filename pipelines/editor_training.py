@@ -127,10 +127,10 @@ def train_editor_run(spec: EditorTrainingSpec, out: str | Path, fail_once_at: in
     val = load_facts(spec.val, allow_conflicts=True)[: spec.train.val_rows] if spec.val else []
     if spec.max_rows is not None:
         requests = requests[: spec.max_rows]
-    missing = [i for i, r in enumerate(requests) if not r.locality_prompt]
-    if missing:
-        raise ValueError(f"{spec.facts}: rows {missing[:10]} have no locality prompt; MEND training needs one on every row")
     net = spec.net
+    _check_rows(spec.facts, requests, net)
+    if spec.val:
+        _check_rows(spec.val, val, net)
     info: dict[str, Any] = {"facts": str(spec.facts), "rows": len(requests), "method": "salem" if net.factors == "svd" else "mend"}
     loaded = load_model(spec.model)  # for the saliency and the hash of the weights the editor learns
     if spec.salient:
@@ -144,6 +144,19 @@ def train_editor_run(spec: EditorTrainingSpec, out: str | Path, fail_once_at: in
     if spec.tracking_uri:
         _log_to_mlflow(spec, net, info, result, out)
     return result
+
+
+def _check_rows(path: Path, requests: Sequence[Any], net: MendNetConfig) -> None:
+    """Every row needs a locality prompt; with pair_positions "subject" also a subject inside its
+    prompt. Checked before anything starts, so a bad row never stops a run halfway."""
+    missing = [i for i, r in enumerate(requests) if not r.locality_prompt]
+    if missing:
+        raise ValueError(f"{path}: rows {missing[:10]} have no locality prompt; MEND training needs one on every row")
+    if net.pair_positions == "subject":
+        missing = [i for i, r in enumerate(requests) if not r.subject or r.subject not in r.prompt]
+        if missing:
+            raise ValueError(f"{path}: rows {missing[:10]}: field 'subject' is missing or not in the prompt; "
+                             "an editor with pair_positions 'subject' needs it on every row")
 
 
 def _log_to_mlflow(spec: EditorTrainingSpec, net: MendNetConfig, info: dict[str, Any], result: TrainingResult, out: Path) -> None:

@@ -290,6 +290,25 @@ def test_salem_layer_by_edit_gain_is_the_candidate_with_the_lowest_loss(tmp_path
         EditorTrainingSpec(model="m", facts=tmp_path, salient_by="magnitude")
 
 
+def test_editor_training_checks_every_row_before_it_starts(tmp_path, facts):
+    import json
+
+    from pipelines.editor_training import EditorTrainingSpec, train_editor_run
+
+    subjects = [replace(facts[0], subject="France"), replace(facts[1], subject="Bob"), replace(facts[2], subject="Italy")]
+    (tmp_path / "facts.json").write_text(json.dumps([r.to_dict() for r in subjects]))
+    (tmp_path / "val.json").write_text(json.dumps([r.to_dict() for r in (subjects[0], replace(subjects[1], locality_prompt=None))]))
+    subject_net = MendNetConfig(layers=(0,), pair_positions="subject")
+    runs = [(EditorTrainingSpec(model="no-such-model", facts=tmp_path / "facts.json", net=subject_net), r"facts.json: rows \[2\]: field 'subject'"),
+            (EditorTrainingSpec(model="no-such-model", facts=tmp_path / "val.json"), r"val.json: rows \[1\] have no locality prompt"),
+            (EditorTrainingSpec(model="no-such-model", facts=tmp_path / "facts.json", val=tmp_path / "val.json"),
+             r"val.json: rows \[1\] have no locality prompt")]
+    for spec, message in runs:  # refused before the model is loaded or anything is written
+        with pytest.raises(ValueError, match=message):
+            train_editor_run(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_saved_editor_reloads_and_edits_with_low_rank_factors(tmp_path, gpt2, facts):
     config = MendNetConfig(layers=(-1,), roles=("mlp_out",), rank=4)
     net = _perturbed(build_net(gpt2, config))
