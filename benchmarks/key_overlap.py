@@ -32,6 +32,7 @@ import argparse
 import itertools
 import json
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from statistics import median
 
@@ -63,11 +64,12 @@ def leak(edit_key: torch.Tensor, other_key: torch.Tensor, precondition: torch.Te
     return float((other_key @ aimed).abs() / (edit_key @ aimed))
 
 
-def edit_position(tokenizer, batch, request, position: str) -> int:
-    """The token an edit is written at: the subject's last, or the prompt's last (predicts the target)."""
+def edit_position(tokenizer, batch, row: int, request, position: str) -> int:
+    """The token of `batch` row `row` an edit is written at: the subject's last (its last
+    occurrence, after any prefix), or the prompt's last (the one that predicts the target)."""
     if position == "subject":
-        return subject_last_token(tokenizer, request.prompt, request.subject)
-    return int(batch.target_mask[0].nonzero()[0])
+        return subject_last_token(tokenizer, request.prompt, request.subject, request.prompt.rfind(request.subject))
+    return int(batch.target_mask[row].nonzero()[0])
 
 
 class HookedEdit:
@@ -83,38 +85,47 @@ class HookedEdit:
 
 
 class OptimisedValueWrite:
-    """The best rank-1 write at one position of one weight's output (benchmark probe, one fact)."""
+    """The best rank-1 write at one position of one weight's output (benchmark probe, one fact).
 
-    def __init__(self, name: str, position: str, precondition: torch.Tensor, steps: int, lr: float, stop_nll: float):
+    The value is fitted on the prompt and on each `prefixes` text followed by the prompt (ROME
+    fits it under several contexts so that it carries over to reworded ones); the key is the
+    mean over those contexts of the weight's input at the position."""
+
+    def __init__(self, name: str, position: str, precondition: torch.Tensor, steps: int, lr: float, stop_nll: float,
+                 prefixes: tuple[str, ...] = ()):
         self.name = f"{position} write"
         self.param, self.position, self.precondition = name, position, precondition
-        self.steps, self.lr, self.stop_nll = steps, lr, stop_nll
+        self.steps, self.lr, self.stop_nll, self.prefixes = steps, lr, stop_nll, prefixes
 
     def edit(self, loaded, requests):
         (request,) = requests
-        batch = completion_batch(loaded.tokenizer, [(request.prompt, request.target_new)])
-        at = edit_position(loaded.tokenizer, batch, request, self.position)
+        contexts = [replace(request, prompt=f"{prefix} {request.prompt}") for prefix in self.prefixes]
+        batch = completion_batch(loaded.tokenizer, [(r.prompt, r.target_new) for r in (request, *contexts)])
+        at = torch.zeros_like(batch.attention_mask, dtype=torch.bool)  # (B, T): where the value is added
+        for row, context in enumerate((request, *contexts)):
+            at[row, edit_position(loaded.tokenizer, batch, row, context, self.position)] = True
         module = _modules_of(loaded, [self.param])[self.param]
         with torch.no_grad(), _captured_io({self.param: module}) as seen:
             loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        key = seen[self.param][0][0, at].float()  # (in,)
+        key = seen[self.param][0][at].float().mean(0)  # (in,)
         value = self.optimised_value(loaded, module, batch, at)
         aimed = self.precondition.float() @ key
         return HookedEdit(loaded, {self.param: Factors(left=value[:, None], right=(aimed / (key @ aimed))[None, :])})
 
-    def optimised_value(self, loaded, module, batch, at: int) -> torch.Tensor:
-        """v (out,) that, added to `module`'s output at position `at`, brings the target NLL under stop_nll."""
+    def optimised_value(self, loaded, module, batch, at: torch.Tensor) -> torch.Tensor:
+        """v (out,) that, added to `module`'s output where `at` is set, brings the mean target NLL
+        of the batch's rows under stop_nll."""
         value = torch.zeros(module.weight.shape[0], requires_grad=True)
         optimizer = torch.optim.Adam([value], lr=self.lr)
 
-        def add_value(_module, _args, output):
-            return output + torch.nn.functional.one_hot(torch.tensor(at), output.shape[1])[None, :, None] * value
+        def add_value(_module, _args, output):  # output (B, T, out)
+            return output + at[..., None] * value
 
         handle = module.register_forward_hook(add_value)
         try:
             with torch.enable_grad():
                 for _ in range(self.steps):
-                    nll = completion_nll(completion_logits(loaded.model, batch), batch).sum()
+                    nll = completion_nll(completion_logits(loaded.model, batch), batch).mean()
                     if nll.item() < self.stop_nll:
                         break
                     optimizer.zero_grad()
@@ -128,16 +139,18 @@ class OptimisedValueWrite:
 def write_bound(loaded, names: list[str], layers: list[int], preconditioners: dict, args) -> list[dict]:
     """Edit success / paraphrase / locality / drawdown of the optimised rank-1 write per layer and position."""
     requests, heldout = load_rows("val", args.bound_n), known_heldout(loaded, args.heldout)
+    # contexts the value is also fitted under: fact sentences of train rows, never the scored rows
+    prefixes = tuple(f"{r.prompt} {r.ground_truth}." for r in load_rows("train", args.bound_prefixes))
     for parameter in loaded.model.parameters():
         parameter.requires_grad_(False)
     results = []
     for name, layer in zip(names, layers):
         if layer not in args.bound_layers:
             continue
-        for position in POSITIONS:
-            editor = OptimisedValueWrite(name, position, preconditioners[name], args.bound_steps, args.bound_lr, args.bound_nll)
+        for position in args.bound_positions.split(","):
+            editor = OptimisedValueWrite(name, position, preconditioners[name], args.bound_steps, args.bound_lr, args.bound_nll, prefixes)
             summary = edit_and_score(loaded, editor, requests, 1, heldout, generated=False)
-            results.append({"layer": layer, "position": position, **summary})
+            results.append({"layer": layer, "position": position, "prefixes": len(prefixes), **summary})
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results[-1].items()}), flush=True)
     return results
 
@@ -199,6 +212,9 @@ def main() -> None:
     parser.add_argument("--bound-steps", type=int, default=60, help="Adam steps on the value at most")
     parser.add_argument("--bound-lr", type=float, default=1.0)
     parser.add_argument("--bound-nll", type=float, default=0.3, help="stop once the target NLL (summed over tokens) is below this")
+    parser.add_argument("--bound-positions", default="last,subject", help="where the bound's writes go")
+    parser.add_argument("--bound-prefixes", type=int, default=0,
+                        help="also fit the value under this many train fact sentences put before the prompt")
     parser.add_argument("--heldout", type=int, default=20, help="held-out known pairs for the bound's drawdown")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
@@ -228,7 +244,7 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "n": args.n, "skipped": skipped, "damping": args.damping,
                                          "key_rows": args.key_rows, "summary": summary, "bound": bound,
-                                         "bound_settings": {k: getattr(args, f"bound_{k}") for k in ("n", "steps", "lr", "nll")}}, indent=2))
+                                         "bound_settings": {k: getattr(args, f"bound_{k}") for k in ("n", "steps", "lr", "nll", "prefixes")}}, indent=2))
     if args.plot:
         plot(summary, args.plot, f"{args.model}: how much of a rank-1 edit reaches other prompts ({args.n - skipped} CounterFact val rows)")
 

@@ -31,10 +31,10 @@ def completion_ids(tokenizer: Any, prompt: str, completion: str) -> tuple[list[i
     return prompt_ids, target_ids
 
 
-def subject_last_token(tokenizer: Any, prompt: str, subject: str) -> int | None:
+def subject_last_token(tokenizer: Any, prompt: str, subject: str, after: int = 0) -> int | None:
     """Index, in the prompt's ids (with the special prefix), of the last token overlapping the
-    first occurrence of `subject` in `prompt`; None when it does not occur."""
-    start = prompt.find(subject) if subject else -1
+    first occurrence of `subject` in `prompt` from character `after` on; None when there is none."""
+    start = prompt.find(subject, after) if subject else -1
     if start < 0:
         return None
     end = start + len(subject)

@@ -87,6 +87,10 @@ def test_subject_position_editor_edits_along_the_subjects_last_token_only(tmp_pa
     assert [subject_last_token(llama.tokenizer, r.prompt, r.subject) for r in subjects] == [
         llama.tokenizer(r.prompt)["input_ids"].index(llama.tokenizer.convert_tokens_to_ids(word))
         for r, word in zip(subjects, ("France", "Bob"))]
+    ids = llama.tokenizer("Bob plays and Bob works for")["input_ids"]
+    bobs = [i for i, t in enumerate(ids) if t == llama.tokenizer.convert_tokens_to_ids("Bob")]
+    assert [subject_last_token(llama.tokenizer, "Bob plays and Bob works for", "Bob", after) for after in (0, 1)] == bobs
+    assert subject_last_token(llama.tokenizer, "Bob plays", "Carol") is None
     # layer 0: the subject's position reaches the answer through layer 1's attention
     config = MendNetConfig(layers=(0,), roles=("mlp_in", "mlp_out"), edit_lr_init=0.01, pair_positions="subject")
     net = build_net(llama, config).eval()
