@@ -1,7 +1,7 @@
 """How much of an edit reaches the neighbour prompts? Key overlap per layer and edit position.
 
-    .venv/bin/python benchmarks/key_overlap.py --layers 4,8,12,16,20,24,26,27,28,29 --n 100 \
-        --json docs/results/key_overlap.json --plot docs/results/key_overlap.png
+    .venv/bin/python benchmarks/key_overlap.py --layers 2,4,8,12,16,20,24,25,26,27,28,29 --n 100 \
+        --bound-layers 27,20,8 --bound-n 40 --json docs/results/key_overlap.json --plot docs/results/key_overlap.png
 
 A rank-1 update written along key k_e (W~ = W + v (P k_e)^T, P = I for the plain gradient step
 or C^-1 for the whitened one, MendNetConfig.whiten_keys) changes the layer's output on any
@@ -15,15 +15,16 @@ For each of the first `--n` CounterFact val rows and each layer's down projectio
 with k_e taken at the prompt's last token and at the subject's last token, this reports the
 median over rows of |leak| at the last token (the position that predicts the answer) of (a) the
 row's neighbour prompt (same relation, same true object, another subject) and (b) an unrelated
-prompt (the next row's neighbour prompt). C is the key second moment over the texts of the first `--key-rows` train
-rows, damped as in training (`--damping`).
+prompt (the next row's neighbour prompt). C is the key second moment over the texts of the
+first `--key-rows` train rows, damped as in training (`--damping`).
 
 `--bound-layers` measures what such a write can do at best: for each val row, the value v that
 makes the prompt predict target_new when added to the layer's output at that one position is
-found by Adam (as ROME does, on the prompt alone), then written as the rank-1 update
-v (P k_e)^T / k_e^T P k_e, and the edit is scored like benchmarks/mend_salem.py (one fact per
-edit, teacher-forced; drawdown on known held-out pairs). No editor network can do better with
-one rank-1 term at that position on this prompt; a MEND editor has only the gradient to go by.
+found by Adam (as ROME does; `--bound-prefixes` also fits it under train fact sentences put
+before the prompt), then written as the rank-1 update v (P k_e)^T / k_e^T P k_e, and the edit
+is scored like benchmarks/mend_salem.py (one fact per edit, teacher-forced; drawdown on known
+held-out pairs). It is the value an editor writing one rank-1 term there would aim for; a MEND
+editor has only the gradient to go by.
 """
 
 from __future__ import annotations
