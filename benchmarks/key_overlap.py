@@ -141,10 +141,8 @@ def write_bound(loaded, names: list[str], layers: list[int], preconditioners: di
     """Edit success / paraphrase / locality / drawdown of the optimised rank-1 write per layer and position."""
     requests, heldout = load_rows("val", args.bound_n), known_heldout(loaded, args.heldout)
     # contexts the value is also fitted under: fact sentences of train rows, never the scored rows
-    prefixes = tuple(f"{r.prompt} {r.ground_truth}." for r in load_rows("train", args.bound_prefixes))
-    for parameter in loaded.model.parameters():
-        parameter.requires_grad_(False)
-    results = []
+    prefixes = tuple(f"{r.prompt} {r.ground_truth}." for r in load_rows("train", args.bound_prefixes)) if args.bound_prefixes else ()
+    results = []  # (load_model froze the model: only the value gets gradients)
     for name, layer in zip(names, layers):
         if layer not in args.bound_layers:
             continue
@@ -221,9 +219,14 @@ def main() -> None:
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     args.bound_layers = [int(x) for x in args.bound_layers.split(",") if x]
+    unknown = set(args.bound_positions.split(",")) - set(POSITIONS)
+    if unknown:
+        parser.error(f"--bound-positions: {sorted(unknown)} not in {POSITIONS}")
 
     loaded = load_model(args.model)
     layers = loaded.adapter.resolve_layers(int(x) for x in args.layers.split(","))
+    if set(args.bound_layers) - set(layers):
+        parser.error(f"--bound-layers {args.bound_layers} must be among --layers {layers}")
     config = MendNetConfig(layers=tuple(layers), roles=("mlp_out",), whiten_keys=True, whiten_damping=args.damping)
     names = [name for name, _, _ in net_targets(loaded, config)]
     net = build_net(loaded, config)

@@ -664,7 +664,7 @@ def editor_inputs(loaded: LoadedModel, batch: CompletionBatch, requests: Sequenc
                   config: MendNetConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """What the editor sees of an edit batch (one row per request): its token pairs at
     `config.pair_positions` (MEND) or their top singular pairs (SaLEM)."""
-    keep = subject_mask(loaded.tokenizer, batch, requests).to(batch.attention_mask.device) if config.pair_positions == "subject" else None
+    keep = subject_mask(loaded.tokenizer, batch, requests) if config.pair_positions == "subject" else None
     pairs = token_pairs(loaded, batch, names, keep)
     if config.factors == "svd":
         return {n: low_rank_pairs(u, d, config.svd_rank) for n, (u, d) in pairs.items()}
